@@ -1,0 +1,142 @@
+"""``create_model`` / ``list_models``: configs as data, one factory for every family.
+
+A *family* is a RetrievalModel subclass (xvlm, lite, clip). A *named config* is a family plus
+default hyper-parameters (``xvlm-base``, ``lite``, ...). Families register themselves when their
+module is imported; modules are imported lazily so that ``import tpas`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tpas.models.base import CONFIG_NAME, WEIGHTS_NAME, RetrievalModel, read_config_file
+
+log = logging.getLogger(__name__)
+
+# family -> module that defines it (imported on first use)
+FAMILY_MODULES: dict[str, str] = {
+    "xvlm": "tpas.models.xvlm",
+    "lite": "tpas.models.lite",
+    "clip": "tpas.models.clip",
+}
+
+_FAMILIES: dict[str, type[RetrievalModel]] = {}
+
+
+@dataclass
+class NamedConfig:
+    family: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    # optional builder for families that need more than cls(config) + weights (e.g. X-VLM from
+    # upstream config files); called as builder(config_dict, checkpoint, **kwargs)
+    builder: Callable[..., RetrievalModel] | None = None
+
+
+_NAMED: dict[str, NamedConfig] = {}
+
+
+def register_family(name: str) -> Callable[[type[RetrievalModel]], type[RetrievalModel]]:
+    def wrap(cls: type[RetrievalModel]) -> type[RetrievalModel]:
+        cls.family = name
+        _FAMILIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_config(name: str, family: str, description: str = "", builder=None, **defaults: Any) -> None:
+    _NAMED[name] = NamedConfig(family=family, defaults=defaults, description=description, builder=builder)
+
+
+def _load_all_families() -> None:
+    for module in FAMILY_MODULES.values():
+        importlib.import_module(module)
+
+
+def get_family(name: str) -> type[RetrievalModel]:
+    if name not in _FAMILIES:
+        if name not in FAMILY_MODULES:
+            raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILY_MODULES)}")
+        importlib.import_module(FAMILY_MODULES[name])
+    return _FAMILIES[name]
+
+
+def list_models() -> list[str]:
+    """Every named config (``create_model`` also takes a saved model directory)."""
+    _load_all_families()
+    return sorted(_NAMED)
+
+
+def describe_models() -> dict[str, str]:
+    _load_all_families()
+    return {name: nc.description for name, nc in sorted(_NAMED.items())}
+
+
+def create_model(name_or_dir: str | Path, checkpoint: str | Path | None = None, **overrides: Any) -> RetrievalModel:
+    """Build a model from a named config or a directory written by ``save_pretrained``.
+
+    ``checkpoint`` is a family-specific weight file (e.g. an official X-VLM ``.th``) loaded after
+    construction; ``overrides`` replace config fields (``image_size=(384, 128)``) or are passed to
+    the family's builder.
+    """
+    path = Path(name_or_dir)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        return from_pretrained(path, **overrides)
+    name = str(name_or_dir)
+    if name not in _NAMED:
+        for module in FAMILY_MODULES.values():
+            importlib.import_module(module)
+    if name in FAMILY_MODULES and name not in _NAMED:
+        cls = get_family(name)
+        return _build(cls, {}, checkpoint, overrides, builder=None)
+    if name not in _NAMED:
+        raise KeyError(f"unknown model {name!r}: not a saved model directory nor one of {list_models()}")
+    named = _NAMED[name]
+    cls = get_family(named.family)
+    return _build(cls, dict(named.defaults), checkpoint, overrides, builder=named.builder)
+
+
+def _build(cls, defaults, checkpoint, overrides, builder) -> RetrievalModel:
+    if builder is not None:
+        return builder({**defaults, **overrides}, checkpoint)
+    known = {f for f in cls.config_class.__dataclass_fields__}
+    config_kwargs = {k: v for k, v in {**defaults, **overrides}.items() if k in known}
+    extra = {k: v for k, v in overrides.items() if k not in known}
+    if extra:
+        raise TypeError(f"{cls.family}: unknown options {sorted(extra)}")
+    config = cls.config_class.from_dict(config_kwargs)
+    model = cls(config)
+    if checkpoint is not None:
+        load = getattr(model, "load_checkpoint", None)
+        if load is None:
+            raise TypeError(f"{cls.family} models take no checkpoint file")
+        load(checkpoint)
+    return model
+
+
+def from_pretrained(directory: str | Path, **overrides: Any) -> RetrievalModel:
+    """Load a directory written by ``save_pretrained`` (config.json + model.safetensors)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    data = read_config_file(directory)
+    cls = get_family(data["family"])
+    config = cls.config_class.from_dict({**data["config"], **overrides})
+    model = cls(config, pretrained=False) if _accepts_pretrained(cls) else cls(config)
+    state = load_file(str(directory / WEIGHTS_NAME))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: weights do not fit config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    log.info("loaded %s model from %s", data["family"], directory)
+    return model
+
+
+def _accepts_pretrained(cls) -> bool:
+    import inspect
+
+    return "pretrained" in inspect.signature(cls.__init__).parameters
