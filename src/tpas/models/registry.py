@@ -53,9 +53,21 @@ def register_config(name: str, family: str, description: str = "", builder=None,
     _NAMED[name] = NamedConfig(family=family, defaults=defaults, description=description, builder=builder)
 
 
+def _import_family_module(module: str) -> bool:
+    """Import a family module; a module that does not exist (yet) is logged and skipped."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise  # the module exists but one of its own imports is missing: a real error
+        log.debug("model family module %s is not available", module)
+        return False
+    return True
+
+
 def _load_all_families() -> None:
     for module in FAMILY_MODULES.values():
-        importlib.import_module(module)
+        _import_family_module(module)
 
 
 def get_family(name: str) -> type[RetrievalModel]:
@@ -89,8 +101,7 @@ def create_model(name_or_dir: str | Path, checkpoint: str | Path | None = None, 
         return from_pretrained(path, **overrides)
     name = str(name_or_dir)
     if name not in _NAMED:
-        for module in FAMILY_MODULES.values():
-            importlib.import_module(module)
+        _load_all_families()
     if name in FAMILY_MODULES and name not in _NAMED:
         cls = get_family(name)
         return _build(cls, {}, checkpoint, overrides, builder=None)

@@ -1,0 +1,166 @@
+"""lite family: interface shapes, save/load round trip, package weights, freezing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tpas.models import create_model
+from tpas.models.lite import LiteModel, minilm_dir, mobilenet_weights_path
+
+TEXTS = ["a man in a red coat walks past the bench", "woman running", "a child"]
+
+
+def _encode_all(model, pixels, texts):
+    ids, mask = model.tokenize(texts)
+    with torch.no_grad():
+        img = model.encode_image(pixels)
+        txt = model.encode_text(ids, mask)
+        logits = model.itm_logits(img.tokens, txt.tokens, txt.mask)
+    return img, txt, logits
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return create_model("lite-tiny").eval()
+
+
+def test_tiny_interface_shapes(tiny):
+    h, w = tiny.image_size
+    assert (h, w) == (64, 32)
+    pixels = torch.randn(3, 3, h, w)
+    img, txt, logits = _encode_all(tiny, pixels, TEXTS)
+    # 64x32 through three stride-2 convs: 8x4 grid + 1 pooled CLS token, width 32
+    assert img.tokens.shape == (3, 33, 32)
+    assert img.embeds.shape == (3, tiny.config.embed_dim)
+    assert torch.allclose(img.embeds.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(txt.embeds.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert txt.tokens.shape[:2] == txt.mask.shape and txt.tokens.shape[-1] == 32
+    assert logits.shape == (3, 2) and torch.isfinite(logits).all()
+    # the real WordPiece tokenizer: [CLS] first, [SEP] last token of the unpadded text
+    ids, mask = tiny.tokenize(["a child"])
+    assert ids[0, 0].item() == 101 and ids[0, mask[0].sum() - 1].item() == 102
+
+
+def test_text_padding_does_not_change_outputs(tiny):
+    """Padding a text (key padding masks everywhere) must not change its encoding or ITM logit."""
+    h, w = tiny.image_size
+    pixels = torch.randn(1, 3, h, w)
+    alone = _encode_all(tiny, pixels, ["woman running"])
+    ids, mask = tiny.tokenize(["woman running", TEXTS[0]])
+    with torch.no_grad():
+        img = tiny.encode_image(pixels)
+        txt = tiny.encode_text(ids, mask)
+        logits = tiny.itm_logits(img.tokens.expand(2, -1, -1), txt.tokens, txt.mask)
+    assert torch.allclose(txt.embeds[0], alone[1].embeds[0], atol=1e-5)
+    assert torch.allclose(logits[0], alone[2][0], atol=1e-5)
+
+
+def test_temperature_is_clamped(tiny):
+    with torch.no_grad():
+        tiny.temp.fill_(10.0)
+        assert tiny.temperature.item() == pytest.approx(tiny.config.temp_max)
+        tiny.temp.fill_(tiny.config.temp_init)
+
+
+@pytest.mark.parametrize("name", ["lite-tiny", "lite"])
+def test_round_trip_bit_exact(name, tmp_path):
+    torch.manual_seed(1)
+    model = create_model(name).eval()
+    with torch.no_grad():  # move the heads off their init so the test is not trivially passing
+        for p in model.itm_head.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    h, w = model.image_size
+    pixels = torch.randn(2, 3, h, w)
+    before = _encode_all(model, pixels, TEXTS[:2])
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "model.safetensors").is_file()
+    loaded = create_model(tmp_path / "m").eval()
+    assert isinstance(loaded, LiteModel) and loaded.config == model.config
+    after = _encode_all(loaded, pixels, TEXTS[:2])
+    assert torch.equal(before[0].tokens, after[0].tokens)
+    assert torch.equal(before[0].embeds, after[0].embeds)
+    assert torch.equal(before[1].tokens, after[1].tokens)
+    assert torch.equal(before[1].embeds, after[1].embeds)
+    assert torch.equal(before[2], after[2])
+
+
+def test_from_dir_does_not_read_package_weights(tmp_path, monkeypatch):
+    model = create_model("lite")
+    model.save_pretrained(tmp_path / "m")
+
+    def boom(self):
+        raise AssertionError("package weights must not be read when loading a saved model")
+
+    monkeypatch.setattr(LiteModel, "load_package_weights", boom)
+    loaded = create_model(tmp_path / "m")
+    assert loaded.config.pretrained is True  # the flag is kept; from_pretrained passes pretrained=False
+
+
+def test_lite_loads_package_weights():
+    from safetensors.torch import load_file
+
+    model = create_model("lite")
+    mobilenet = torch.load(mobilenet_weights_path(), map_location="cpu", weights_only=True)
+    got = model.image_encoder.state_dict()
+    for key, value in mobilenet.items():
+        assert torch.equal(got[key.removeprefix("features.")], value), key
+    minilm = load_file(str(minilm_dir() / "model.safetensors"))
+    text = model.text_encoder.state_dict()
+    for key, value in minilm.items():
+        if key.startswith("pooler.") or key.endswith("position_ids"):
+            continue
+        assert torch.equal(text[key], value), key
+    assert model.image_size == (256, 128) and model.config.image_mean == (0.485, 0.456, 0.406)
+
+
+def test_lite_text_tower_is_a_working_sentence_encoder():
+    """Pretrained MiniLM: a paraphrase is closer than an unrelated sentence (mean-pooled states)."""
+    model = create_model("lite").eval()
+    ids, mask = model.tokenize(["a man wearing a red jacket", "a guy in a red coat", "the stock market fell today"])
+    with torch.no_grad():
+        states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((states * m).sum(1) / m.sum(1), dim=-1)
+    sim = pooled @ pooled.T
+    assert sim[0, 1] > sim[0, 2] + 0.2
+
+
+def test_freezing_top_layers():
+    model = create_model("lite-tiny", train_text_layers=1, train_image_blocks=1)
+    text = model.text_encoder
+    assert not any(p.requires_grad for p in text.embeddings.parameters())
+    assert not any(p.requires_grad for p in text.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in text.encoder.layer[1].parameters())
+    blocks = list(model.image_encoder.children())
+    assert not any(p.requires_grad for b in blocks[:-1] for p in b.parameters())
+    assert all(p.requires_grad for p in blocks[-1].parameters())
+    assert all(p.requires_grad for p in model.fusion.parameters()) and model.temp.requires_grad
+    model.train()
+    assert not blocks[0].training and blocks[-1].training  # frozen BatchNorm keeps its statistics
+    model.set_trainable(-1, -1)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_gradients_flow_through_all_heads():
+    model = create_model("lite-tiny").train()
+    h, w = model.image_size
+    ids, mask = model.tokenize(TEXTS)
+    img = model.encode_image(torch.randn(3, 3, h, w))
+    txt = model.encode_text(ids, mask)
+    sim = img.embeds @ txt.embeds.T / model.temperature
+    loss = sim.logsumexp(1).mean() + model.itm_logits(img.tokens, txt.tokens, txt.mask).sum()
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("text_encoder.embeddings.token_type", "text_encoder.embeddings.position")):
+            continue
+        if p.requires_grad and "word_embeddings" not in name:
+            assert p.grad is not None, name
+
+
+def test_bad_options_are_named():
+    with pytest.raises(TypeError, match="no_such_option"):
+        create_model("lite-tiny", no_such_option=1)
+    with pytest.raises(ValueError, match="image_tower"):
+        create_model("lite-tiny", image_tower="resnet")
