@@ -1,0 +1,29 @@
+"""``tpas serve``: the search page and JSON API over an index."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve the search page and JSON API over an index",
+                              description="Serve GET / (search page), /api/search, /images/{id}, /healthz.")
+    p.add_argument("--index", required=True, help="index directory written by `tpas index`")
+    p.add_argument("--model", required=True, help="model directory (or a named model) used to encode queries")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
+    p.add_argument("--examples", help="text file with example queries for the page, one per line")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
+    p.add_argument("--max-rerank", type=int, default=100, help="largest ITM re-rank depth a request may ask for")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tpas.serve.app import Limits
+    from tpas.serve.run import build_app_for, read_examples, serve_forever
+
+    app = build_app_for(args.index, args.model, examples=read_examples(args.examples), device=args.device,
+                        limits=Limits(max_k=args.max_k, max_rerank=args.max_rerank))
+    serve_forever(app, host=args.host, port=args.port)
+    return 0

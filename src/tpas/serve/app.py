@@ -1,0 +1,190 @@
+"""FastAPI app over a search engine: a JSON search API, gallery images, and a small web page.
+
+The app only needs an object with ``search(text, k, rerank) -> list[Hit]`` and
+``image_path(image_id) -> Path`` (raising ``KeyError`` for unknown ids), so tests can hand it a
+fake engine and ``tpas serve`` hands it a real :class:`tpas.search.engine.SearchEngine`.
+
+Security model: image ids are looked up in the engine's index and never joined into a path, so a
+request can only ever read a file the index already lists. Model inference runs in the
+threadpool (one call at a time, behind a lock) so the event loop keeps answering while the model
+works.
+"""
+
+from __future__ import annotations
+
+import logging
+import mimetypes
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+from urllib.parse import quote
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# Shown on the page when the caller passes no examples (phrased like mini-PAB / PAB captions).
+DEFAULT_EXAMPLES: tuple[str, ...] = (
+    "a man in a red jacket and black trousers is running across the street",
+    "a woman in a white shirt and blue jeans falls down on the pavement",
+    "a person with a backpack is walking slowly",
+    "a man in a dark coat is fighting with another person",
+    "a woman in a yellow dress is standing still",
+)
+
+IMAGE_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+               ".bmp": "image/bmp", ".gif": "image/gif"}
+
+
+class Engine(Protocol):
+    """What the app needs from a search engine (``tpas.search.engine.SearchEngine`` fits)."""
+
+    def search(self, text: str, k: int = 10, rerank: int = 0) -> list[Any]: ...
+
+    def image_path(self, image_id: str) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; anything outside them is answered with 422 and a JSON reason."""
+
+    max_query_chars: int = 300
+    max_k: int = 100
+    max_rerank: int = 100
+    max_id_chars: int = 256
+
+
+def hit_to_json(hit: Any) -> dict[str, Any]:
+    """One search hit as the API returns it; the URL quotes the id so any id round-trips."""
+    image_id = str(hit.image_id)
+    itm = getattr(hit, "itm_score", None)
+    return {
+        "rank": int(hit.rank),
+        "id": image_id,
+        "score": float(hit.score),
+        "itc_score": float(hit.itc_score),
+        "itm_score": None if itm is None else float(itm),
+        "url": "/images/" + quote(image_id, safe=""),
+    }
+
+
+def create_app(
+    engine: Engine,
+    *,
+    examples: Sequence[str] | None = None,
+    limits: Limits | None = None,
+    title: str = "tpas — text-based person anomaly search",
+    info: dict[str, Any] | None = None,
+):
+    """Build the FastAPI app. ``examples`` are clickable queries on the page; ``info`` is shown by
+    ``/healthz`` (e.g. model and index paths, gallery size)."""
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    limits = limits or Limits()
+    example_list = [e for e in (examples if examples is not None else DEFAULT_EXAMPLES) if e.strip()]
+    example_list = [e[: limits.max_query_chars] for e in example_list]
+    model_lock = threading.Lock()  # torch modules are not guaranteed thread-safe; one search at a time
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+
+    def reason(status: int, message: str, **extra: Any) -> JSONResponse:
+        return JSONResponse({"error": message, **extra}, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"field": ".".join(str(p) for p in err.get("loc", ())[1:]) or "request", "message": err.get("msg", "")}
+            for err in exc.errors()
+        ]
+        message = "; ".join(f"{d['field']}: {d['message']}" for d in details) or "invalid request"
+        return reason(422, message, detail=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return reason(exc.status_code, str(exc.detail))
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        response.headers.setdefault(
+            "Content-Security-Policy",
+            "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+            "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        )
+        return response
+
+    def run_search(text: str, k: int, rerank: int) -> tuple[list[Any], float]:
+        with model_lock:
+            start = time.perf_counter()
+            hits = engine.search(text, k=k, rerank=rerank)
+            return hits, (time.perf_counter() - start) * 1000.0
+
+    @app.get("/api/search")
+    async def api_search(
+        q: str = Query(..., min_length=1, max_length=limits.max_query_chars, description="text description"),
+        k: int = Query(10, ge=1, le=limits.max_k),
+        rerank: int = Query(0, ge=0, le=limits.max_rerank, description="ITM re-rank the ITC top-K (0 = off)"),
+    ) -> JSONResponse:
+        text = " ".join(q.split())
+        if not text:
+            return reason(422, "q: the query is empty", detail=[{"field": "q", "message": "empty query"}])
+        received = time.perf_counter()
+        hits, model_ms = await run_in_threadpool(run_search, text, k, rerank)
+        latency_ms = (time.perf_counter() - received) * 1000.0
+        return JSONResponse({
+            "query": text,
+            "k": k,
+            "rerank": rerank,
+            "latency_ms": round(latency_ms, 2),
+            "search_ms": round(model_ms, 2),
+            "results": [hit_to_json(h) for h in hits],
+        })
+
+    @app.get("/api/examples")
+    async def api_examples() -> dict[str, Any]:
+        return {"examples": example_list, "limits": {"max_query_chars": limits.max_query_chars,
+                                                     "max_k": limits.max_k, "max_rerank": limits.max_rerank}}
+
+    @app.get("/images/{image_id:path}")  # ids may hold "/"; still only a lookup key
+    async def image(image_id: str) -> Response:
+        # The id is only ever a dictionary key for the engine: never part of a filesystem path.
+        if not image_id or len(image_id) > limits.max_id_chars or "\x00" in image_id:
+            return reason(404, "unknown image id")
+        try:
+            path = Path(engine.image_path(image_id))
+        except KeyError:
+            return reason(404, "unknown image id")
+        if not path.is_file():
+            log.warning("gallery image %s listed in the index but missing on disk: %s", image_id, path)
+            return reason(404, "image missing on disk")
+        media = IMAGE_TYPES.get(path.suffix.lower()) or mimetypes.guess_type(path.name)[0]
+        if media is None or not media.startswith("image/"):
+            return reason(404, "not an image")
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", **(info or {})}
+
+    def static(name: str, media: str):
+        async def handler() -> Response:
+            return FileResponse(STATIC_DIR / name, media_type=media, headers={"Cache-Control": "no-cache"})
+        return handler
+
+    app.add_api_route("/", static("index.html", "text/html; charset=utf-8"), methods=["GET"], include_in_schema=False)
+    app.add_api_route("/static/app.js", static("app.js", "text/javascript; charset=utf-8"), methods=["GET"])
+    app.add_api_route("/static/style.css", static("style.css", "text/css; charset=utf-8"), methods=["GET"])
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        return Response(status_code=204)
+
+    return app

@@ -1,0 +1,254 @@
+"""Search server: API shape, input limits, image serving and path tricks, non-blocking inference."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from tpas.serve.app import Limits, create_app  # noqa: E402
+
+
+@dataclass
+class FakeHit:
+    rank: int
+    image_id: str
+    score: float
+    itc_score: float
+    itm_score: float | None
+    path: Path
+
+
+class FakeEngine:
+    """Same two methods as SearchEngine: deterministic scores, a dict from id to file."""
+
+    def __init__(self, paths: dict[str, Path], delay: float = 0.0):
+        self.paths = paths
+        self.delay = delay
+        self.calls: list[tuple[str, int, int]] = []
+        self.active = 0
+        self.max_active = 0
+        self._count_lock = threading.Lock()
+
+    def search(self, text: str, k: int = 10, rerank: int = 0) -> list[FakeHit]:
+        with self._count_lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            self.calls.append((text, k, rerank))
+            ids = sorted(self.paths, key=lambda i: (hash((text, i)) % 1000, i))[:k]
+            hits = []
+            for rank, image_id in enumerate(ids, 1):
+                itc = 1.0 / rank
+                itm = 0.9 / rank if rerank and rank <= rerank else None
+                hits.append(FakeHit(rank, image_id, itm if itm is not None else itc, itc, itm, self.paths[image_id]))
+            return hits
+        finally:
+            with self._count_lock:
+                self.active -= 1
+
+    def image_path(self, image_id: str) -> Path:
+        return self.paths[image_id]  # KeyError for unknown ids, like the real engine
+
+
+@pytest.fixture()
+def gallery(tmp_path: Path) -> dict[str, Path]:
+    root = tmp_path / "gallery"
+    root.mkdir()
+    paths = {}
+    for i, colour in enumerate(["red", "green", "blue", "yellow", "purple", "orange"]):
+        p = root / f"{i:04d}.jpg"
+        Image.new("RGB", (32, 64), colour).save(p)
+        paths[f"{i:04d}"] = p
+    # an id with a slash and a space: must still round-trip through the URL
+    odd = root / "cam 1"
+    odd.mkdir()
+    Image.new("RGB", (32, 64), "white").save(odd / "x.png")
+    paths["cam 1/x"] = odd / "x.png"
+    # files the server must never hand out
+    (tmp_path / "secret.txt").write_text("top secret")
+    (root / "notes.txt").write_text("not an image")
+    return paths
+
+
+@pytest.fixture()
+def client(gallery) -> TestClient:
+    return TestClient(create_app(FakeEngine(gallery), examples=["a man in red", "  ", "a woman falls"]))
+
+
+def test_search_returns_results(client, gallery):
+    r = client.get("/api/search", params={"q": "  a man   in red ", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"] == "a man in red" and body["k"] == 3 and body["rerank"] == 0
+    assert body["latency_ms"] >= 0
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3]
+    for hit in body["results"]:
+        assert set(hit) == {"rank", "id", "score", "itc_score", "itm_score", "url"}
+        assert hit["itm_score"] is None
+        img = client.get(hit["url"])
+        assert img.status_code == 200 and img.headers["content-type"].startswith("image/")
+        assert img.content == gallery[hit["id"]].read_bytes()
+
+
+def test_search_with_rerank_reports_itm(client):
+    body = client.get("/api/search", params={"q": "a woman falls", "k": 5, "rerank": 2}).json()
+    assert body["rerank"] == 2
+    itm = [h["itm_score"] for h in body["results"]]
+    assert itm[0] is not None and itm[1] is not None and itm[2] is None
+
+
+def test_odd_id_round_trips(client, gallery):
+    from urllib.parse import quote
+
+    r = client.get("/images/" + quote("cam 1/x", safe=""))
+    assert r.status_code == 200 and r.content == gallery["cam 1/x"].read_bytes()
+
+
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({}, "q"),
+        ({"q": ""}, "q"),
+        ({"q": "   "}, "q"),
+        ({"q": "x" * 301}, "q"),
+        ({"q": "man", "k": 0}, "k"),
+        ({"q": "man", "k": 101}, "k"),
+        ({"q": "man", "k": "ten"}, "k"),
+        ({"q": "man", "rerank": -1}, "rerank"),
+        ({"q": "man", "rerank": 101}, "rerank"),
+    ],
+)
+def test_bad_parameters_are_422_with_reason(client, params, field):
+    r = client.get("/api/search", params=params)
+    assert r.status_code == 422
+    body = r.json()
+    assert body["error"].startswith(field + ":"), body
+
+
+def test_limits_are_configurable(gallery):
+    c = TestClient(create_app(FakeEngine(gallery), limits=Limits(max_query_chars=10, max_k=3, max_rerank=0)))
+    assert c.get("/api/search", params={"q": "x" * 11}).status_code == 422
+    assert c.get("/api/search", params={"q": "man", "k": 4}).status_code == 422
+    assert c.get("/api/search", params={"q": "man", "rerank": 1}).status_code == 422
+    assert c.get("/api/search", params={"q": "man", "k": 3}).status_code == 200
+    assert c.get("/api/examples").json()["limits"] == {"max_query_chars": 10, "max_k": 3, "max_rerank": 0}
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/images/9999",
+        "/images/secret.txt",
+        "/images/notes",
+        "/images/..%2Fsecret.txt",
+        "/images/..%2F..%2Fsecret.txt",
+        "/images/%2E%2E%2Fsecret.txt",
+        "/images/%2e%2e/%2e%2e/secret.txt",
+        "/images/..%5Csecret.txt",
+        "/images/%252E%252E%252Fsecret.txt",
+        "/images/0000%00.jpg",
+        "/images/%2Fetc%2Fpasswd",
+        "/images//etc/passwd",
+        "/images/0000.jpg",
+        "/images/" + "a" * 300,
+    ],
+)
+def test_unknown_ids_and_path_tricks_are_refused(client, raw):
+    r = client.get(raw)
+    assert r.status_code in (404, 422), (raw, r.status_code)
+    assert b"top secret" not in r.content and b"root:" not in r.content
+    assert r.headers["content-type"].startswith("application/json")
+
+
+def test_raw_dot_segments_never_escape(gallery):
+    """Send the path bytes unnormalised (httpx would collapse ``..``) straight to the ASGI app."""
+    app = create_app(FakeEngine(gallery))
+
+    async def raw_get(path: str) -> tuple[int, bytes]:
+        sent: list[dict] = []
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "root_path": "", "headers": [(b"host", b"testserver")], "client": ("127.0.0.1", 1),
+                 "server": ("testserver", 80)}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+        body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+        return status, body
+
+    for path in ["/images/../secret.txt", "/images/../../secret.txt", "/images/./0000/../../secret.txt",
+                 "/images/" + str(gallery["0000"]), "/images/" + str(gallery["0000"].parent / ".." / "secret.txt")]:
+        status, body = asyncio.run(raw_get(path))
+        assert status == 404 and b"top secret" not in body, path
+
+
+def test_missing_file_and_non_image_are_404(gallery, tmp_path):
+    paths = dict(gallery)
+    paths["gone"] = tmp_path / "gone.jpg"
+    paths["text"] = tmp_path / "secret.txt"  # even a listed id must be an image file
+    c = TestClient(create_app(FakeEngine(paths)))
+    assert c.get("/images/gone").status_code == 404
+    r = c.get("/images/text")
+    assert r.status_code == 404 and b"top secret" not in r.content
+
+
+def test_page_examples_and_health(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="query"' in page.text and "/static/app.js" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        r = client.get(asset)
+        assert r.status_code == 200 and "https://" not in r.text
+    assert client.get("/static/../app.py").status_code == 404
+    assert client.get("/api/examples").json()["examples"] == ["a man in red", "a woman falls"]
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_inference_does_not_block_the_event_loop(gallery):
+    """A slow search runs in the threadpool: /healthz answers meanwhile; searches run one at a time."""
+    import httpx
+
+    engine = FakeEngine(gallery, delay=0.4)
+    app = create_app(engine)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            t0 = time.perf_counter()
+            searches = [asyncio.create_task(c.get("/api/search", params={"q": f"man {i}"})) for i in range(2)]
+            await asyncio.sleep(0.05)
+            health = await c.get("/healthz")
+            health_s = time.perf_counter() - t0
+            results = await asyncio.gather(*searches)
+            return health.status_code, health_s, [r.status_code for r in results], time.perf_counter() - t0
+
+    status, health_s, codes, total_s = asyncio.run(scenario())
+    assert status == 200 and health_s < 0.3, health_s
+    assert codes == [200, 200]
+    assert engine.max_active == 1 and total_s >= 0.8  # the model lock serialises inference
+
+
+def test_serve_command_registered():
+    from tpas.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--index", "i", "--model", "m"])
+    assert args.host == "127.0.0.1" and args.port == 8000
