@@ -4,7 +4,13 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.tpas-installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean chromium
+
+# Extra arguments for `tpas demo`, e.g. `make demo DEMO_ARGS="--no-serve --out runs/demo"`.
+DEMO_ARGS ?=
+# The browser test drives Debian's chromium (not a Playwright-downloaded browser).
+CHROMIUM ?= /usr/bin/chromium
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,11 +24,16 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest -q
 
 demo: install
-	$(BIN)/tpas demo
+	$(BIN)/tpas demo $(DEMO_ARGS)
+
+# Installs chromium when missing; if that fails the browser test fails loudly (it never skips).
+chromium:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; } \
+	  || echo "WARNING: could not install chromium; tests/test_browser.py will fail" >&2
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

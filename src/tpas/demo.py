@@ -1,0 +1,324 @@
+"""``tpas demo``: the whole method on a generated mini-PAB, in one run folder.
+
+Steps (each logged, each skipped when its finished-marker is already there, so an interrupted demo
+resumes where it stopped):
+
+1. ``data``   generate mini-PAB (procedural pedestrians + captions, PAB layout)
+2. ``train``  train the ``lite`` model with ``configs/minipab-lite.yaml``
+3. ``eval``   evaluate on the test split: ITC only, + ITM re-ranking, + SCA  -> results.md/json
+4. ``report`` report.html: the table plus links to each setting's retrieval report
+5. ``index``  index the test gallery for the search page
+6. ``serve``  the search page on 127.0.0.1 until Ctrl-C (skipped with ``--no-serve``)
+
+A step writes ``.steps/<step>.json`` (its parameters) only once its outputs are complete; if a
+later run asks for different parameters in the same folder it stops with a clear error instead of
+mixing results.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tpas.errors import TpasError
+from tpas.utils.io import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "minipab-lite.yaml"
+METRIC_KEYS = ("R@1", "R@5", "R@10", "mAP", "mINP")
+
+
+@dataclass
+class Setting:
+    """One row of the results table: how the trained (or untrained) model is evaluated."""
+
+    name: str
+    label: str
+    rerank: int = 0
+    post: str = "none"
+    trained: bool = True
+
+
+@dataclass
+class DemoOptions:
+    out: Path
+    identities: int = 1000
+    seed: int = 0
+    config: Path | None = None  # default: configs/minipab-lite.yaml
+    overrides: list[str] = field(default_factory=list)  # dotted key=value for the training config
+    rerank: int = 16  # ITM re-ranks the ITC top-K in the evaluation table
+    zero_shot: bool = False  # also evaluate the untrained lite model
+    workers: int = 2
+    serve: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8000
+    examples: int = 12
+
+
+def default_out() -> Path:
+    return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+
+
+def settings_for(opts: DemoOptions) -> list[Setting]:
+    rows = []
+    if opts.zero_shot:
+        rows.append(Setting("zero-shot", "untrained lite, ITC", trained=False))
+    rows += [
+        Setting("itc", "trained lite, ITC only"),
+        Setting("itc+itm", f"+ ITM re-rank top-{opts.rerank}", rerank=opts.rerank),
+        Setting("itc+itm+sca", f"+ ITM re-rank top-{opts.rerank} + SCA", rerank=opts.rerank, post="sca"),
+    ]
+    return rows
+
+
+class Steps:
+    """Finished-step markers in ``<out>/.steps``: a step is done when its marker holds the same params."""
+
+    def __init__(self, out: Path):
+        self.dir = out / ".steps"
+
+    def done(self, name: str, params: dict[str, Any]) -> bool:
+        marker = self.dir / f"{name}.json"
+        if not marker.is_file():
+            return False
+        recorded = json.loads(marker.read_text(encoding="utf-8")).get("params")
+        if recorded != json.loads(json.dumps(params)):
+            raise TpasError(
+                f"{marker.parent.parent}: step '{name}' was run with {recorded}, now asked for {params}; "
+                "use a new --out folder (or delete that folder) to start over")
+        return True
+
+    def mark(self, name: str, params: dict[str, Any], seconds: float, **extra: Any) -> None:
+        write_json(self.dir / f"{name}.json", {"params": params, "seconds": round(seconds, 1), **extra})
+
+    def run(self, name: str, params: dict[str, Any], fn: Callable[[], Any]) -> None:
+        if self.done(name, params):
+            log.info("[demo] %-6s already done, skipping (%s)", name, self.dir / f"{name}.json")
+            return
+        log.info("[demo] %-6s starting", name)
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        self.mark(name, params, seconds)
+        log.info("[demo] %-6s done in %.1f s", name, seconds)
+
+
+# -- the steps ------------------------------------------------------------------------------------
+
+def make_data(opts: DemoOptions, data_dir: Path) -> None:
+    from tpas.data.synth.writer import generate
+
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # a half-written dataset from an interrupted run
+    generate(data_dir, identities=opts.identities, seed=opts.seed, workers=opts.workers, preview=True)
+
+
+def train_model(opts: DemoOptions, data_dir: Path, train_dir: Path) -> Path:
+    from tpas.config import load_config
+    from tpas.train.loop import train
+
+    config_path = opts.config or REPO_CONFIG
+    overrides = [f"data.root={data_dir}", *opts.overrides]
+    config = load_config(config_path, overrides)
+    resume = (train_dir / "last").exists() or any(train_dir.glob("checkpoint*")) if train_dir.exists() else False
+    run_dir = train(config, out_dir=train_dir, resume=resume)
+    best = Path(run_dir) / "best"
+    if not (best / "config.json").is_file():
+        raise TpasError(f"training finished but wrote no best model at {best}")
+    return best
+
+
+def load_model(name_or_dir: str | Path):
+    from tpas.models import create_model
+
+    return create_model(name_or_dir).eval()
+
+
+def evaluate(opts: DemoOptions, data_dir: Path, model_dir: Path, eval_dir: Path) -> list[dict[str, Any]]:
+    """Run every setting (each writes ``metrics.json`` + ``report.html`` in its own folder)."""
+    from tpas.data.datasets import load_eval
+    from tpas.eval.run import run_eval
+
+    evalset = load_eval(data_dir, "pab", "test")
+    rows = []
+    models: dict[bool, Any] = {}
+    for s in settings_for(opts):
+        out = eval_dir / s.name
+        if (out / "metrics.json").is_file():
+            log.info("[demo] eval %-12s already done", s.name)
+            metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        else:
+            if s.trained not in models:
+                models[s.trained] = load_model(model_dir if s.trained else "lite")
+            log.info("[demo] eval %-12s (%s)", s.name, s.label)
+            metrics = run_eval(models[s.trained], evalset, rerank=s.rerank, post=s.post, out_dir=out)
+        rows.append({**asdict(s), "metrics": pick_metrics(metrics), "report": f"eval/{s.name}/report.html"})
+    return rows
+
+
+def pick_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers from a metrics dict, wherever ``run_eval`` nests them."""
+    flat: dict[str, float] = {}
+
+    def visit(d: dict[str, Any], prefix: str = "") -> None:
+        for key, value in d.items():
+            if isinstance(value, dict):
+                visit(value, f"{prefix}{key}/")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{prefix}{key}"] = float(value)
+
+    visit(metrics)
+    picked = {}
+    for key in METRIC_KEYS:
+        candidates = [k for k in flat if k == key or k.endswith("/" + key)]
+        if candidates:
+            picked[key] = flat[min(candidates, key=len)]  # the overall figure, not a per-group one
+    for group in ("normal", "anomaly"):
+        hit = [k for k in flat if k.endswith(f"{group}/R@1")]
+        if hit:
+            picked[f"{group} R@1"] = flat[hit[0]]
+    return picked
+
+
+def results_markdown(rows: list[dict[str, Any]], header: str = "") -> str:
+    keys = [k for k in (*METRIC_KEYS, "normal R@1", "anomaly R@1") if any(k in r["metrics"] for r in rows)]
+    lines = [header] if header else []
+    lines.append("| setting | " + " | ".join(keys) + " |")
+    lines.append("|---|" + "---:|" * len(keys))
+    for r in rows:
+        cells = [f"{r['metrics'][k]:.2f}" if k in r["metrics"] else "–" for k in keys]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
+    """``report.html``: the table, what was run, and links to each setting's retrieval report."""
+    keys = [k for k in (*METRIC_KEYS, "normal R@1", "anomaly R@1") if any(k in r["metrics"] for r in rows)]
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
+    body = []
+    for r in rows:
+        cells = "".join(f"<td>{r['metrics'][k]:.2f}</td>" if k in r["metrics"] else "<td>–</td>" for k in keys)
+        link = f"<a href=\"{html.escape(r['report'])}\">examples</a>" if (out / r["report"]).is_file() else ""
+        body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}<td>{link}</td></tr>")
+    facts = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in info.items())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tpas demo report</title>
+<style>
+body {{ font: 15px/1.5 system-ui, sans-serif; margin: 28px; color: #1d2330; max-width: 980px; }}
+table {{ border-collapse: collapse; margin: 12px 0 20px; }}
+th, td {{ border-bottom: 1px solid #dfe3ea; padding: 6px 12px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+th {{ background: #f5f6f8; }}
+code {{ background: #f1f3f6; padding: 1px 4px; border-radius: 4px; }}
+</style></head><body>
+<h1>tpas demo</h1>
+<p>Text-to-image retrieval on a generated mini-PAB test split (R@K, mAP and mINP in percent; every
+query has exactly one positive image). ITM re-ranking re-scores the ITC top-K with the fusion
+head; SCA then resolves queries that claim the same top-1 image.</p>
+<table><thead><tr><th>setting</th>{head}<th></th></tr></thead><tbody>{''.join(body)}</tbody></table>
+<h2>Run</h2><ul>{facts}</ul>
+<p>Search it yourself: <code>tpas serve --index {html.escape(str(out / 'index'))} --model {html.escape(str(out / 'model'))}</code></p>
+</body></html>
+"""
+    path = out / "report.html"
+    write_text(path, page)
+    return path
+
+
+def build_gallery_index(data_dir: Path, model_dir: Path, index_dir: Path) -> None:
+    from tpas.search.index import build_index
+
+    if index_dir.exists():
+        shutil.rmtree(index_dir)
+    build_index(model=load_model(model_dir), data=data_dir, fmt="pab", split="test", out=index_dir)
+
+
+def pick_examples(data_dir: Path, n: int) -> list[str]:
+    """A spread of test captions (every k-th query, normal and anomaly alike) for the search page."""
+    from tpas.data.datasets import load_eval
+
+    queries = load_eval(data_dir, "pab", "test", check_images=False).queries
+    if not queries:
+        return []
+    step = max(1, len(queries) // max(1, n))
+    seen, picked = set(), []
+    for q in queries[::step]:
+        if q.caption not in seen:
+            seen.add(q.caption)
+            picked.append(q.caption)
+    return picked[:n]
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    """Run (or resume) every step; returns the results rows and the paths written."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir, train_dir, model_dir = out / "minipab", out / "train", out / "model"
+    eval_dir, index_dir = out / "eval", out / "index"
+    steps = Steps(out)
+    started = time.perf_counter()
+    log.info("[demo] run folder: %s", out.resolve())
+
+    data_params = {"identities": opts.identities, "seed": opts.seed}
+    steps.run("data", data_params, lambda: make_data(opts, data_dir))
+
+    train_params = {**data_params, "config": str(opts.config or REPO_CONFIG), "overrides": list(opts.overrides)}
+
+    def do_train() -> None:
+        best = train_model(opts, data_dir, train_dir)
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        shutil.copytree(best, model_dir)
+
+    steps.run("train", train_params, do_train)
+
+    eval_params = {**train_params, "settings": [asdict(s) for s in settings_for(opts)]}
+    rows: list[dict[str, Any]] = []
+
+    def do_eval() -> None:
+        rows.extend(evaluate(opts, data_dir, model_dir, eval_dir))
+        write_json(out / "results.json", {"rows": rows})
+        table = results_markdown(rows, header=f"# tpas demo: mini-PAB test ({opts.identities} identities, seed {opts.seed})\n")
+        write_text(out / "results.md", table)
+
+    steps.run("eval", eval_params, do_eval)
+    if not rows:
+        rows = json.loads((out / "results.json").read_text(encoding="utf-8"))["rows"]
+
+    def do_report() -> None:
+        info = {"data": data_dir, "model": model_dir, "identities": opts.identities, "seed": opts.seed,
+                "config": opts.config or REPO_CONFIG, "overrides": " ".join(opts.overrides) or "none"}
+        write_report(out, rows, info)
+
+    steps.run("report", eval_params, do_report)
+    steps.run("index", train_params, lambda: build_gallery_index(data_dir, model_dir, index_dir))
+
+    examples = pick_examples(data_dir, opts.examples)
+    write_text(out / "examples.txt", "\n".join(examples) + "\n")
+
+    print()
+    print(results_markdown(rows, header=f"tpas demo results ({out / 'results.md'}):\n"))
+    print(f"report:  {out / 'report.html'}")
+    print(f"index:   {index_dir}")
+    print(f"model:   {model_dir}")
+    print(f"elapsed: {time.perf_counter() - started:.0f} s")
+    return {"out": out, "rows": rows, "report": out / "report.html", "index": index_dir, "model": model_dir,
+            "examples": examples}
+
+
+def serve_demo(result: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> None:
+    from tpas.serve.run import build_app_for, serve_forever
+
+    app = build_app_for(result["index"], result["model"], examples=result["examples"])
+    serve_forever(app, host=host, port=port)
+
