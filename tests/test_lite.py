@@ -112,7 +112,7 @@ def test_lite_loads_package_weights():
         if key.startswith("pooler.") or key.endswith("position_ids"):
             continue
         assert torch.equal(text[key], value), key
-    assert model.image_size == (256, 128) and model.config.image_mean == (0.485, 0.456, 0.406)
+    assert model.image_size == (192, 96) and model.config.image_mean == (0.485, 0.456, 0.406)
 
 
 def test_lite_text_tower_is_a_working_sentence_encoder():

@@ -143,3 +143,11 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``tokens`` [B,L,D] over positions where ``mask`` [B,L] is set."""
     weights = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(1) / weights.sum(1).clamp_min(1e-6)
+
+
+def train_top_blocks(tower: nn.Module, blocks: list[nn.Module] | nn.ModuleList, top: int) -> None:
+    """Freeze ``tower`` except its last ``top`` blocks; ``top < 0`` trains everything, 0 nothing."""
+    tower.requires_grad_(top < 0)
+    if top > 0:
+        for block in list(blocks)[-top:]:
+            block.requires_grad_(True)
