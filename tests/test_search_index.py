@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tpas.search.encode as encode_mod
+from tpas.data.records import GalleryImage
+from tpas.errors import TpasError
+from tpas.models import create_model
+from tpas.search.encode import encode_images
+from tpas.search.index import build_index, gallery_from_folder, open_index
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("lite-tiny")
+
+
+@pytest.fixture()
+def gallery(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "imgs"
+    (root / "sub").mkdir(parents=True)
+    images = []
+    for i in range(7):
+        rel = f"sub/{i}.png" if i % 2 else f"{i}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40, 20, 3), dtype=np.uint8)).save(root / rel)
+        images.append(GalleryImage(image=rel, image_id=f"g{i}", target=str(i)))
+    return root, images
+
+
+def test_build_open_and_tokens(model, gallery, tmp_path):
+    root, images = gallery
+    out = build_index(model, images, root, tmp_path / "idx", batch_size=2, chunk_size=3, progress=False)
+    index = open_index(out, model)
+    assert len(index) == 7 and index.ids == [g.image_id for g in images]
+    direct = encode_images(model, [root / g.image for g in images], keep_tokens=True, progress=False)
+    np.testing.assert_allclose(index.embeds, direct.embeds, atol=1e-5)
+    rows = np.array([6, 0, 3, 3])
+    np.testing.assert_allclose(index.tokens[rows].astype(np.float32), direct.tokens[rows].astype(np.float32),
+                               atol=2e-3)
+    scores, found = index.search(direct.embeds[[4]], k=3)
+    assert found[0, 0] == 4 and scores.shape == (1, 3)
+    assert index.image_path("g1") == root.resolve() / "sub/1.png"
+    with pytest.raises(KeyError):
+        index.image_path("../etc/passwd")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["count"] == 7 and meta["embed_dim"] == model.config.embed_dim and len(meta["model_sha256"]) == 64
+
+
+def test_other_model_is_refused(model, gallery, tmp_path):
+    root, images = gallery
+    out = build_index(model, images, root, tmp_path / "idx", progress=False)
+    torch.manual_seed(1)
+    other = create_model("lite-tiny")
+    with pytest.raises(TpasError, match="different model"):
+        open_index(out, other)
+    with pytest.raises(TpasError, match="another model"):
+        build_index(other, images, root, out, progress=False)
+
+
+def test_interrupted_build_resumes(model, gallery, tmp_path, monkeypatch):
+    root, images = gallery
+    real = encode_mod.iter_image_batches
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(encode_mod, "iter_image_batches", flaky)
+    out = tmp_path / "idx"
+    with pytest.raises(KeyboardInterrupt):
+        build_index(model, images, root, out, chunk_size=3, progress=False)
+    progress = json.loads(next((out / "shards").iterdir()).joinpath("progress.json").read_text())
+    assert progress["done"] == [0] and not progress["complete"]
+    with pytest.raises(TpasError, match="incomplete"):
+        open_index(out)
+    calls.clear()
+    monkeypatch.setattr(encode_mod, "iter_image_batches", lambda *a, **k: (calls.append(1), (yield from real(*a, **k)))[1])
+    build_index(model, images, root, out, chunk_size=3, progress=False)
+    assert len(calls) == 2  # only chunks 1 and 2 were encoded again
+    fresh = build_index(model, images, root, tmp_path / "fresh", chunk_size=3, progress=False)
+    np.testing.assert_allclose(open_index(out).embeds, open_index(fresh).embeds, atol=1e-6)
+
+
+def test_sharded_build_merges(model, gallery, tmp_path, monkeypatch):
+    import tpas.search.index as index_mod
+
+    root, images = gallery
+    out = tmp_path / "idx"
+    # two "processes" one after the other: rank 1 only writes its shard, rank 0 writes its own and merges
+    monkeypatch.setattr(index_mod, "_barrier", lambda world_size: None)
+    build_index(model, images, root, out, rank=1, world_size=2, chunk_size=2, progress=False)
+    assert not (out / "meta.json").exists()
+    build_index(model, images, root, out, rank=0, world_size=2, chunk_size=2, progress=False)
+    index = open_index(out, model)
+    assert [s["start"] for s in index.meta["token_shards"]] == [0, 3]
+    single = open_index(build_index(model, images, root, tmp_path / "one", progress=False))
+    np.testing.assert_allclose(index.embeds, single.embeds, atol=1e-5)
+    np.testing.assert_allclose(index.tokens[np.arange(7)].astype(np.float32),
+                               single.tokens[np.arange(7)].astype(np.float32), atol=2e-3)
+
+
+def test_gallery_from_folder(gallery):
+    root, images = gallery
+    found = gallery_from_folder(root)
+    assert sorted(g.image_id for g in found) == sorted(["0", "2", "4", "6", "sub/1", "sub/3", "sub/5"])
