@@ -1,0 +1,62 @@
+"""One entry point per use: ``load_train`` and ``load_eval`` for every supported format.
+
+Everything downstream (loader, search, evaluation, CLI) calls these two functions with a format
+name instead of importing a specific reader, so adding a dataset means adding one line here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tpas.data.pab import attach_challenge_key, read_pab_challenge, read_pab_test, read_pab_train
+from tpas.data.records import EvalSet, TrainSet
+from tpas.data.tbps import TBPS_FORMATS, read_tbps_eval, read_tbps_train
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "EVAL_SPLITS", "load_train", "load_eval"]
+
+FORMATS = ("pab", "cuhk", "icfg", "rstp")
+EVAL_SPLITS = {"pab": ("test", "ucc", "challenge"), **{fmt: spec[2][1:] for fmt, spec in TBPS_FORMATS.items()}}
+ANSWER_KEY = "answer_key.json"
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def load_train(root: str | os.PathLike, fmt: str, on_missing: str = "error", check_images: bool = False) -> TrainSet:
+    """Training pairs of a dataset root in format ``fmt`` (pab, cuhk, icfg, rstp).
+
+    ``check_images`` looks every image up on disk; ``on_missing`` then raises or skips-and-logs.
+    """
+    _check_format(fmt)
+    if fmt == "pab":
+        return read_pab_train(root, on_missing=on_missing, check_images=check_images)
+    return read_tbps_train(root, fmt, on_missing=on_missing, check_images=check_images)
+
+
+def load_eval(root: str | os.PathLike, fmt: str, split: str = "test", on_missing: str = "error",
+              check_images: bool = True) -> EvalSet:
+    """Queries + gallery of one evaluation split.
+
+    PAB splits: ``test`` (annotation/test/attr.json or pair.json), ``ucc`` (ucc.json) and
+    ``challenge`` (``root`` holds query.json and gallery/; ``answer_key.json`` beside them, when
+    present, fills the targets). TBPS splits: ``test`` and, for cuhk/rstp, ``val``.
+    """
+    _check_format(fmt)
+    if split not in EVAL_SPLITS[fmt]:
+        raise ValueError(f"{fmt} evaluation splits are {', '.join(EVAL_SPLITS[fmt])}; got {split!r}")
+    if fmt != "pab":
+        return read_tbps_eval(root, fmt, split, on_missing=on_missing, check_images=check_images)
+    if split != "challenge":
+        return read_pab_test(root, split, on_missing=on_missing, check_images=check_images)
+    evalset = read_pab_challenge(root)
+    key = Path(root) / ANSWER_KEY
+    if key.is_file():
+        log.info("attaching ground truth from %s", key)
+        evalset = attach_challenge_key(evalset, key)
+    return evalset

@@ -1,0 +1,325 @@
+"""Readers for PAB (Pedestrian Anomaly Behaviour) and everything shaped like it (mini-PAB).
+
+Layout under the dataset root (DESIGN section 3)::
+
+    annotation/train/pair_{0..74}.json | attr_{0..74}.json   JSON Lines, one training pair a line
+    annotation/test/attr.json | pair.json                    JSON Lines, one gallery image a line
+    annotation/test/ucc.json                                 same shape (UCC split)
+    train/imgs_*/...  test/...                               images, paths as written in the files
+
+    <challenge dir>/query.json                               JSON Lines: query_index, caption
+    <challenge dir>/gallery/<ID>.jpg                         gallery images, ID = file stem
+    <challenge dir>/answer_key.json                          optional ground truth (see below)
+
+Training pairs map to :class:`ImageText` with ``person_id = image_id``: PAB's normal and anomalous
+image of one person are different retrieval targets, so they must not count as positives of each
+other. Test lines carry a list of captions; each caption is one :class:`Query` whose target is the
+line's ``image_id``.
+
+Answer key contract (written by mini-PAB for its masked challenge set, read here): JSON Lines next to
+``query.json``, one line per query, ``{"query_index": int, "image_id": "<gallery ID>",
+"behaviour": "normal"|"anomaly"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from tpas.data.jsonl import (
+    Where,
+    get_caption,
+    get_captions,
+    get_id,
+    get_str,
+    iter_jsonl,
+    optional_id,
+    optional_str,
+)
+from tpas.data.missing import MissingImages
+from tpas.data.records import Behaviour, EvalSet, GalleryImage, ImageText, Query, TrainSet
+from tpas.errors import DataError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "train_files",
+    "read_pab_train",
+    "read_pab_test",
+    "read_pab_challenge",
+    "read_challenge_key",
+    "attach_challenge_key",
+    "challenge_gallery",
+    "IMAGE_EXTENSIONS",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+TRAIN_KINDS = ("pair", "attr", "auto")
+TEST_FILES = {"test": ("attr.json", "pair.json"), "ucc": ("ucc.json",)}
+
+
+def _behaviour(obj: dict, where: Where) -> tuple[Behaviour, str | None]:
+    """PAB marks behaviour with a key: ``"normal": <action>`` or ``"anomaly": <action>``."""
+    normal, anomaly = obj.get("normal"), obj.get("anomaly")
+    if normal is not None and anomaly is not None:
+        raise where.error("has both 'normal' and 'anomaly' fields; a record is one or the other")
+    if normal is not None:
+        return Behaviour.NORMAL, get_str(obj, "normal", where)
+    if anomaly is not None:
+        return Behaviour.ANOMALY, get_str(obj, "anomaly", where)
+    return Behaviour.UNKNOWN, None
+
+
+def train_files(root: str | os.PathLike, files: str = "auto") -> list[Path]:
+    """The training annotation files, in numeric order (``pair_2`` before ``pair_10``).
+
+    ``files="auto"`` prefers ``attr_*.json`` (they add behaviour and scene labels) and falls back to
+    ``pair_*.json``.
+    """
+    if files not in TRAIN_KINDS:
+        raise ValueError(f"files must be one of {TRAIN_KINDS}, got {files!r}")
+    folder = Path(root) / "annotation" / "train"
+    if not folder.is_dir():
+        raise DataError("no annotation/train folder (is this a PAB dataset root?)", folder)
+    kinds = ("attr", "pair") if files == "auto" else (files,)
+    for kind in kinds:
+        pattern = re.compile(rf"{kind}_(\d+)\.json")
+        found = []
+        for path in folder.iterdir():
+            match = pattern.fullmatch(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        if found:
+            return [path for _, path in sorted(found)]
+    wanted = " or ".join(f"{kind}_<n>.json" for kind in kinds)
+    raise DataError(f"no training files named {wanted}", folder)
+
+
+def _read_train_file(path: Path, missing: MissingImages | None) -> Iterable[ImageText]:
+    # Per-file string sharing: a line's hard caption/image/id is usually its partner's caption/
+    # image/id in the same file and the source caption is shared by both, so one copy is kept.
+    shared: dict[str, str] = {}
+
+    def share(value: str | None) -> str | None:
+        return None if value is None else shared.setdefault(value, value)
+
+    for line_no, obj in iter_jsonl(path):
+        where = Where(path, line_no)
+        image = share(get_str(obj, "image", where))
+        image_id = share(get_id(obj, "image_id", where))
+        caption = share(get_caption(obj, "caption", where))
+        behaviour, action = _behaviour(obj, where)
+        hard_i = optional_str(obj, "hard_i", where)
+        hard_image = share("train/" + hard_i) if hard_i is not None else None
+        if missing is not None and not (
+            missing.ok(image, where) and (hard_image is None or missing.ok(hard_image, where))
+        ):
+            continue
+        yield ImageText(
+            image=image,
+            caption=caption,
+            image_id=image_id,
+            person_id=image_id,
+            behaviour=behaviour,
+            action=share(action),
+            scene=share(optional_str(obj, "scene", where)),
+            hard_image=hard_image,
+            hard_caption=share(optional_str(obj, "hard_c", where)),
+            hard_image_id=share(optional_id(obj, "hard_i_id", where)),
+            source_id=share(optional_id(obj, "source_id", where)),
+            source_caption=share(optional_str(obj, "source_caption", where)),
+        )
+
+
+def read_pab_train(
+    root: str | os.PathLike,
+    files: str = "auto",
+    on_missing: str = "error",
+    check_images: bool = False,
+    progress: bool = True,
+) -> TrainSet:
+    """Read every ``annotation/train/{attr,pair}_<n>.json`` under ``root`` into one TrainSet.
+
+    Images are only looked up when ``check_images`` is set (a million ``stat`` calls are not free);
+    then ``on_missing`` decides whether a pair whose image or hard image is absent stops the read
+    ("error") or is dropped and logged ("skip").
+    """
+    root = Path(root)
+    paths = train_files(root, files)
+    missing = MissingImages(root, on_missing, "pairs") if check_images else None
+    pairs: list[ImageText] = []
+    bar = None
+    if progress and len(paths) > 1:
+        from tqdm import tqdm
+
+        bar = tqdm(paths, desc="read PAB train", unit="file", leave=False)
+    for path in bar if bar is not None else paths:
+        pairs.extend(_read_train_file(path, missing))
+    if missing is not None:
+        missing.log_summary(root / "annotation" / "train")
+    log.info("read %d training pairs from %d files under %s", len(pairs), len(paths), root)
+    return TrainSet(name=f"pab:{root.name}", root=root, pairs=pairs)
+
+
+def _test_file(root: Path, split: str) -> Path:
+    if split not in TEST_FILES:
+        raise ValueError(f"PAB split must be one of {tuple(TEST_FILES)} (or 'challenge'), got {split!r}")
+    folder = root / "annotation" / "test"
+    for name in TEST_FILES[split]:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(f"no {' or '.join(TEST_FILES[split])} for split '{split}'", folder)
+
+
+def read_pab_test(
+    root: str | os.PathLike,
+    split: str = "test",
+    on_missing: str = "error",
+    check_images: bool = True,
+) -> EvalSet:
+    """Read ``annotation/test/attr.json`` (or ``pair.json``; ``ucc.json`` for split="ucc").
+
+    Each line is one gallery image; each of its captions becomes a query whose target is the line's
+    ``image_id`` (query ids ``"<image_id>#<k>"``). A duplicate ``image_id`` is an error: it would
+    make the ground truth ambiguous. With ``on_missing="skip"`` a line whose image is missing is
+    dropped together with its queries (they would have no positive left).
+    """
+    root = Path(root)
+    path = _test_file(root, split)
+    missing = MissingImages(root, on_missing, "gallery images") if check_images else None
+    queries: list[Query] = []
+    gallery: list[GalleryImage] = []
+    first_line: dict[str, int] = {}
+    for line_no, obj in iter_jsonl(path):
+        where = Where(path, line_no)
+        image = get_str(obj, "image", where)
+        image_id = get_id(obj, "image_id", where)
+        captions = get_captions(obj, "caption", where)
+        behaviour, action = _behaviour(obj, where)
+        scene = optional_str(obj, "scene", where)
+        if image_id in first_line:
+            raise where.error(f"duplicate image_id '{image_id}' (first seen on line {first_line[image_id]})")
+        first_line[image_id] = line_no
+        if missing is not None and not missing.ok(image, where):
+            continue
+        gallery.append(GalleryImage(image, image_id, image_id, behaviour, action, scene))
+        for k, caption in enumerate(captions):
+            queries.append(Query(f"{image_id}#{k}", caption, image_id, behaviour, action))
+    if missing is not None:
+        missing.log_summary(path)
+    if not gallery:
+        raise DataError("no gallery images (file is empty or every image was skipped)", path)
+    log.info("read %d queries, %d gallery images from %s", len(queries), len(gallery), path)
+    return EvalSet(name=f"pab-{split}:{root.name}", root=root, queries=queries, gallery=gallery)
+
+
+def _stem_key(stem: str) -> tuple[int, int, str]:
+    return (0, int(stem), stem) if stem.isdigit() else (1, 0, stem)
+
+
+def challenge_gallery(gallery_dir: str | os.PathLike) -> dict[str, str]:
+    """Map gallery ID (file stem) -> file name, in ID order (numeric IDs numerically).
+
+    Two files with the same stem (``7.jpg`` and ``7.png``) are an error: the ID would be ambiguous.
+    """
+    gallery_dir = Path(gallery_dir)
+    if not gallery_dir.is_dir():
+        raise DataError("gallery folder not found", gallery_dir)
+    names: dict[str, str] = {}
+    for entry in os.scandir(gallery_dir):
+        stem, ext = os.path.splitext(entry.name)
+        if ext.lower() not in IMAGE_EXTENSIONS or not entry.is_file():
+            continue
+        if stem in names:
+            raise DataError(f"duplicate gallery id '{stem}': {names[stem]} and {entry.name}", gallery_dir)
+        names[stem] = entry.name
+    if not names:
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in the gallery folder", gallery_dir)
+    return {stem: names[stem] for stem in sorted(names, key=_stem_key)}
+
+
+def _query_index(obj: dict, where: Where) -> int:
+    value = get_id(obj, "query_index", where)
+    try:
+        return int(value)
+    except ValueError:
+        raise where.error(f"field 'query_index' must be an integer, got {value!r}") from None
+
+
+def read_pab_challenge(root: str | os.PathLike) -> EvalSet:
+    """Read a masked challenge set: ``query.json`` + ``gallery/<ID>.jpg`` under ``root``.
+
+    Targets are None (the ground truth is hidden); queries keep ``query.json`` order, which is the
+    order ``answer.txt`` must follow. Query ids are the ``query_index`` values as strings.
+    """
+    root = Path(root)
+    path = root / "query.json"
+    queries: list[Query] = []
+    first_line: dict[int, int] = {}
+    for line_no, obj in iter_jsonl(path):
+        where = Where(path, line_no)
+        index = _query_index(obj, where)
+        caption = get_caption(obj, "caption", where)
+        if index in first_line:
+            raise where.error(f"duplicate query_index {index} (first seen on line {first_line[index]})")
+        first_line[index] = line_no
+        queries.append(Query(str(index), caption, None))
+    if not queries:
+        raise DataError("no queries", path)
+    gallery = [
+        GalleryImage(f"gallery/{name}", stem, None) for stem, name in challenge_gallery(root / "gallery").items()
+    ]
+    log.info("read %d challenge queries, %d gallery images from %s", len(queries), len(gallery), root)
+    return EvalSet(name=f"pab-challenge:{root.name}", root=root, queries=queries, gallery=gallery)
+
+
+def _read_key(path: str | os.PathLike) -> dict[int, tuple[str, Behaviour]]:
+    key: dict[int, tuple[str, Behaviour]] = {}
+    first_line: dict[int, int] = {}
+    for line_no, obj in iter_jsonl(path):
+        where = Where(path, line_no)
+        index = _query_index(obj, where)
+        image_id = get_id(obj, "image_id", where)
+        label = optional_str(obj, "behaviour", where) or Behaviour.UNKNOWN.value
+        try:
+            behaviour = Behaviour(label)
+        except ValueError:
+            raise where.error(f"field 'behaviour' must be 'normal' or 'anomaly', got {label!r}") from None
+        if index in first_line:
+            raise where.error(f"duplicate query_index {index} (first seen on line {first_line[index]})")
+        first_line[index] = line_no
+        key[index] = (image_id, behaviour)
+    return key
+
+
+def read_challenge_key(path: str | os.PathLike) -> dict[int, str]:
+    """``answer_key.json`` -> {query_index: gallery image ID}."""
+    return {index: image_id for index, (image_id, _) in _read_key(path).items()}
+
+
+def attach_challenge_key(evalset: EvalSet, key_path: str | os.PathLike) -> EvalSet:
+    """Return a copy of a challenge EvalSet with targets (and behaviour labels) from the key.
+
+    Every gallery image becomes its own target (one positive per query, like PAB test); every query
+    must be in the key and point at an existing gallery ID.
+    """
+    key = _read_key(key_path)
+    gallery_ids = {g.image_id for g in evalset.gallery}
+    queries = []
+    for q in evalset.queries:
+        index = int(q.query_id)
+        if index not in key:
+            raise DataError(f"query_index {index} of query.json has no answer", key_path)
+        image_id, behaviour = key[index]
+        if image_id not in gallery_ids:
+            raise DataError(f"query_index {index}: image_id '{image_id}' is not in the gallery", key_path)
+        queries.append(Query(q.query_id, q.caption, image_id, behaviour, q.action))
+    extra = set(key) - {int(q.query_id) for q in evalset.queries}
+    if extra:
+        log.warning("%s: %d answers for query indices not in query.json (ignored), e.g. %s",
+                    key_path, len(extra), sorted(extra)[:5])
+    gallery = [GalleryImage(g.image, g.image_id, g.image_id, g.behaviour, g.action, g.scene) for g in evalset.gallery]
+    return EvalSet(name=evalset.name, root=evalset.root, queries=queries, gallery=gallery)
