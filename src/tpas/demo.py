@@ -234,11 +234,12 @@ head; SCA then resolves queries that claim the same top-1 image.</p>
 
 
 def build_gallery_index(data_dir: Path, model_dir: Path, index_dir: Path) -> None:
+    """Index the test gallery (``build_index`` resumes an interrupted build by itself)."""
+    from tpas.data.datasets import load_eval
     from tpas.search.index import build_index
 
-    if index_dir.exists():
-        shutil.rmtree(index_dir)
-    build_index(model=load_model(model_dir), data=data_dir, fmt="pab", split="test", out=index_dir)
+    gallery = load_eval(data_dir, "pab", "test").gallery
+    build_index(load_model(model_dir), gallery, data_dir, index_dir)
 
 
 def pick_examples(data_dir: Path, n: int) -> list[str]:

@@ -1,0 +1,217 @@
+"""Load test of the search server: N concurrent clients x M queries, with and without ITM re-ranking.
+
+The server runs as a separate process (``tpas serve``) so the clients do not share its GIL. The
+gallery is a folder of generated 256x128 pedestrian-sized images (content does not change search
+cost), indexed once with the chosen model and reused on later runs.
+
+    .venv/bin/python benchmarks/serve_load.py                       # 10,000 images, lite, 20 x 100
+    .venv/bin/python benchmarks/serve_load.py --images 500 --model lite-tiny --clients 4 --queries 10
+
+Prints a table and saves benchmarks/results/serve_load.{json,md}. Any error fails the run (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+COLOURS = ["black", "white", "red", "blue", "green", "grey", "yellow", "brown", "pink", "purple", "orange"]
+CLOTHES = ["jacket", "coat", "t-shirt", "shirt", "dress", "hoodie", "sweater"]
+LOWER = ["jeans", "trousers", "shorts", "skirt", "leggings"]
+ACTIONS = ["is walking", "is running", "falls down", "is fighting", "rides a bicycle", "is standing",
+           "climbs over a fence", "is carrying a bag", "throws something", "is talking on the phone"]
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> None:
+    """Write ``n`` cheap pedestrian-shaped JPEGs (a body of colour blocks on a noisy background)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = len(list(folder.glob("*.jpg")))
+    if existing >= n:
+        return
+    rng = np.random.default_rng(seed)
+    from tqdm import tqdm
+
+    for i in tqdm(range(n), desc="images", unit="img"):
+        path = folder / f"{i:05d}.jpg"
+        if path.exists():
+            continue
+        img = rng.integers(60, 200, size=(256, 128, 3), dtype=np.uint8)
+        img[:] = (img.astype(np.int16) // 4 + rng.integers(40, 160, size=3)).clip(0, 255).astype(np.uint8)
+        top, legs = rng.integers(0, 255, size=3), rng.integers(0, 255, size=3)
+        x0 = int(rng.integers(30, 50))
+        img[30:60, x0 + 15:x0 + 45] = rng.integers(150, 230, size=3)  # head
+        img[60:150, x0:x0 + 60] = top
+        img[150:240, x0 + 5:x0 + 55] = legs
+        Image.fromarray(img).save(path, quality=85)
+
+
+def build(images: Path, index: Path, model_name: str) -> Path:
+    """Index ``images`` with ``model_name``; the model is saved next to the index so the server loads the same weights."""
+    import torch
+
+    from tpas.models import create_model
+    from tpas.search.index import build_index, gallery_from_folder
+
+    model_dir = index.parent / f"{index.name}-model"
+    if (index / "meta.json").is_file() and (model_dir / "config.json").is_file():
+        return model_dir
+    torch.manual_seed(0)
+    model = create_model(model_name).eval()
+    model.save_pretrained(model_dir)
+    model = create_model(model_dir).eval()
+    build_index(model, gallery_from_folder(images), images, index, overwrite=True, workers=2)
+    return model_dir
+
+
+def queries(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        out.append(f"a person in a {rng.choice(COLOURS)} {rng.choice(CLOTHES)} and {rng.choice(COLOURS)} "
+                   f"{rng.choice(LOWER)} {rng.choice(ACTIONS)}")
+    return out
+
+
+def start_server(index: Path, model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "tpas.cli", "serve", "--index", str(index), "--model", str(model_dir),
+           "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 300
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        match = re.search(r"(http://\S+/)", line)
+        if match:
+            break
+        if time.monotonic() > deadline:
+            break
+    else:
+        raise RuntimeError("server exited before announcing its address")
+    url = match.group(1)
+    import httpx
+
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become healthy")
+
+
+async def run_load(url: str, texts: list[str], clients: int, per_client: int, k: int, rerank: int) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(c: int, session: httpx.AsyncClient) -> None:
+        for j in range(per_client):
+            text = texts[(c * per_client + j) % len(texts)]
+            t0 = time.perf_counter()
+            try:
+                r = await session.get(url + "api/search", params={"q": text, "k": k, "rerank": rerank})
+                elapsed = (time.perf_counter() - t0) * 1000
+                if r.status_code != 200:
+                    errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                    continue
+                body = r.json()
+                if len(body["results"]) != k:
+                    errors.append(f"expected {k} results, got {len(body['results'])}")
+                    continue
+                latencies.append(elapsed)
+                server_ms.append(body["search_ms"])
+            except Exception as exc:  # every failure counts, none is hidden
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as session:
+        await session.get(url + "api/search", params={"q": "warm up", "k": k, "rerank": rerank})
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c, session) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    lat = np.array(latencies) if latencies else np.zeros(1)
+    return {
+        "rerank": rerank, "k": k, "clients": clients, "queries_per_client": per_client,
+        "requests": clients * per_client, "ok": len(latencies), "errors": len(errors), "error_samples": errors[:5],
+        "wall_s": round(wall, 2), "throughput_qps": round(len(latencies) / wall, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1), "p90_ms": round(float(np.percentile(lat, 90)), 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1), "max_ms": round(float(lat.max()), 1),
+        "model_ms_p50": round(float(np.percentile(server_ms or [0], 50)), 1),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=10_000, help="gallery size (default 10000)")
+    ap.add_argument("--model", default="lite", help="named model to index with (default lite, untrained weights: "
+                                                     "search cost does not depend on training)")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "serve_load", help="where images and index go")
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--queries", type=int, default=100, help="queries per client")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rerank", type=int, nargs="+", default=[0, 16], help="re-rank depths to test (0 = ITC only)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "serve_load")
+    args = ap.parse_args()
+
+    sys.path.insert(0, str(REPO / "src"))
+    from tpas.utils.io import write_json, write_text
+
+    images = args.work / f"images-{args.images}"
+    index = args.work / f"index-{args.images}-{args.model}"
+    t0 = time.perf_counter()
+    make_images(images, args.images)
+    model_dir = build(images, index, args.model)
+    print(f"gallery ready: {args.images} images, index {index} ({time.perf_counter() - t0:.0f} s)")
+
+    proc, url = start_server(index, model_dir, args.threads)
+    rows = []
+    try:
+        texts = queries(args.clients * args.queries, seed=1)
+        for rerank in args.rerank:
+            row = asyncio.run(run_load(url, texts, args.clients, args.queries, args.k, rerank))
+            rows.append(row)
+            print(f"rerank={rerank}: {row['ok']}/{row['requests']} ok, {row['errors']} errors, "
+                  f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, {row['throughput_qps']} q/s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+    setup = {"images": args.images, "model": args.model, "clients": args.clients, "queries_per_client": args.queries,
+             "k": args.k, "server_threads": args.threads, "cpus": os.cpu_count(), "machine": platform.machine(),
+             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    lines = [f"# serve load: {args.clients} clients x {args.queries} queries, {args.images}-image index ({args.model})",
+             "", f"setup: {json.dumps(setup)}", "",
+             "| re-rank | requests | errors | p50 ms | p90 ms | p99 ms | max ms | throughput q/s | model ms (p50) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['rerank'] or 'off'} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p90_ms']} | "
+                     f"{r['p99_ms']} | {r['max_ms']} | {r['throughput_qps']} | {r['model_ms_p50']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    write_json(args.out.with_suffix(".json"), {"setup": setup, "rows": rows})
+    write_text(args.out.with_suffix(".md"), table)
+    print(f"saved {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
