@@ -186,7 +186,8 @@ class SwinTransformer(nn.Module):
         if len(depths) != len(heads):
             raise ValueError(f"depths {list(depths)} and heads {list(heads)} differ in length")
         self.patch_embed = PatchEmbed(patch, dim, eps)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)  # stochastic depth grows linearly over all blocks (plain floats: meta-device safe)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         grid = (image_size[0] // patch, image_size[1] // patch)
         stages, start = [], 0
         for i, (depth, nh) in enumerate(zip(depths, heads)):

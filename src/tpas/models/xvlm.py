@@ -243,14 +243,12 @@ def convert_official_state_dict(
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Map an official state dict onto ``model``'s names and shapes (no loading yet).
 
-    ``is_eval=None`` detects the layout: a ``text_encoder.bert.`` prefix means a pretraining or
-    CMP checkpoint (renamed, bias tables interpolated to the model's windows); otherwise a
-    fine-tuned retrieval checkpoint, which must already fit (as upstream's ``is_eval=True``).
-    Raises :class:`CheckpointError` on any shape that still does not fit.
+    ``text_encoder.bert.X`` (pretraining and CMP layout) becomes ``text_encoder.X``; fine-tuned
+    retrieval checkpoints already use the model's names. Relative position bias tables are
+    interpolated to the model's windows unless ``is_eval=True`` (upstream's fine-tuned path,
+    which takes tensors as they are). Raises :class:`CheckpointError` on any shape that still
+    does not fit.
     """
-    pretrain_layout = any(k.startswith("text_encoder.bert.") for k in state)
-    if is_eval is None:
-        is_eval = not pretrain_layout
     own = model.state_dict()
     _check_itc_head(state, own)
     report = LoadReport()
@@ -263,7 +261,7 @@ def convert_official_state_dict(
             report.ignored.append(key)
             ignored_reasons[reason] = ignored_reasons.get(reason, 0) + 1
             continue
-        if (not is_eval and key.endswith("relative_position_bias_table") and new_key in own
+        if (is_eval is not True and key.endswith("relative_position_bias_table") and new_key in own
                 and own[new_key].shape != value.shape and value.ndim == 2 and own[new_key].ndim == 2
                 and own[new_key].shape[1] == value.shape[1]):
             value = interpolate_relative_position_bias(value, own[new_key].shape[0])
