@@ -1,0 +1,83 @@
+"""check-data: missing and corrupt images are found, listed, and written to the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from readers_fixtures import make_challenge, make_pab, make_tbps
+
+from tpas.cli import main
+from tpas.data.check import check_dataset, default_splits
+
+
+def _damage(root):
+    (root / "train/imgs_1/goal/0.jpg").unlink()  # missing
+    good = (root / "test/imgs/1.jpg").read_bytes()
+    (root / "test/imgs/1.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    (root / "test/ucc/0.jpg").write_text("<html>not an image</html>")  # wrong content
+
+
+def test_clean_pab(tmp_path):
+    root = make_pab(tmp_path)
+    report = check_dataset(root, "pab", workers=2, progress=False)
+    assert report.ok and report.splits == ["train", "test", "ucc"]
+    assert report.counts["train pairs"] == 8 and report.counts["test queries"] == 8
+    assert report.counts["distinct images"] == 8 + 4 + 3
+
+
+def test_missing_and_corrupt_are_listed(tmp_path, capsys):
+    root = make_pab(tmp_path / "pab")
+    _damage(root)
+    out = tmp_path / "reports" / "check.json"
+    rc = main(["check-data", str(root), "--format", "pab", "--workers", "2", "--report", str(out)])
+    assert rc == 1
+    printed = capsys.readouterr().out
+    assert "missing images: 1" in printed and "train/imgs_1/goal/0.jpg" in printed
+    assert "corrupt images: 2" in printed and "test/imgs/1.jpg" in printed and "test/ucc/0.jpg" in printed
+    assert "PROBLEMS FOUND" in printed and str(out) in printed
+    report = json.loads(out.read_text())
+    assert report["ok"] is False and report["missing"] == ["train/imgs_1/goal/0.jpg"]
+    assert sorted(c["path"] for c in report["corrupt"]) == ["test/imgs/1.jpg", "test/ucc/0.jpg"]
+    assert all(c["reason"] for c in report["corrupt"])
+
+
+def test_summary_shows_first_20_report_has_all(tmp_path):
+    root = make_pab(tmp_path, files=15, persons=1)
+    for f in range(15):
+        (root / f"train/imgs_{f}/goal/0.jpg").unlink()
+        (root / f"train/imgs_{f}/full/0.jpg").unlink()
+    report = check_dataset(root, "pab", splits=["train"], workers=2, progress=False)
+    assert len(report.missing) == 30
+    text = report.summary()
+    assert "missing images: 30 (first 20 shown)" in text
+    assert sum(line.startswith("    train/") for line in text.splitlines()) == 20
+    path = report.save(tmp_path / "r.json")
+    assert len(json.loads(path.read_text())["missing"]) == 30
+
+
+def test_annotation_errors_are_reported_not_raised(tmp_path):
+    root = make_pab(tmp_path)
+    with open(root / "annotation/test/attr.json", "a") as fh:
+        fh.write('{"image": "x.jpg"\n')
+    report = check_dataset(root, "pab", workers=1, progress=False)
+    assert not report.ok and len(report.annotation_errors) == 1
+    assert "attr.json:5: malformed JSON" in report.annotation_errors[0]
+    assert report.counts["train pairs"] == 8  # the other splits were still checked
+
+
+@pytest.mark.parametrize("fmt", ["cuhk", "icfg", "rstp"])
+def test_tbps_check(tmp_path, fmt):
+    root = make_tbps(tmp_path, fmt)
+    report = check_dataset(root, fmt, workers=2, progress=False)
+    assert report.ok, report.summary()
+    assert report.counts["distinct images"] == len(default_splits(root, fmt)) * 4
+
+
+def test_challenge_split_and_cli_ok(tmp_path, capsys, monkeypatch):
+    root = make_challenge(tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    assert main(["check-data", str(root), "--format", "pab", "--split", "challenge"]) == 0
+    assert "result: OK" in capsys.readouterr().out
+    assert json.loads((tmp_path / "check-data-pab.json").read_text())["counts"]["challenge gallery images"] == 12
+    assert main(["check-data", str(tmp_path / "nowhere"), "--format", "pab"]) == 2
