@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from tpas.models import create_model
+from tpas.search.encode import encode_texts
+from tpas.search.rerank import fuse, itm_scores, minmax, rerank_candidates, rerank_scores, top_k
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = create_model("lite-tiny")
+    texts = ["a man falls", "a woman in a long red coat walks a dog along the road", "child running"]
+    enc = encode_texts(model, texts, keep_tokens=True, progress=False)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        tokens = model.encode_image(torch.randn(6, 3, *model.image_size)).tokens.numpy().astype(np.float16)
+    return model, enc, tokens, rng
+
+
+def pair_by_pair(model, enc, tokens, q_rows, g_rows, mode="logit"):
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for q, g in zip(q_rows, g_rows):
+            logits = model.itm_logits(torch.from_numpy(tokens[[g]].astype(np.float32)),
+                                      torch.from_numpy(enc.tokens[[q]]), torch.from_numpy(enc.mask[[q]]))
+            out.append(logits[0, 1].item() if mode == "logit" else logits.softmax(-1)[0, 1].item())
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode", ["logit", "prob"])
+def test_batched_equals_pair_by_pair(setup, mode):
+    model, enc, tokens, rng = setup
+    q_rows = rng.integers(0, 3, 40)
+    g_rows = rng.integers(0, 6, 40)
+    model.train()
+    batched = itm_scores(model, enc.tokens, enc.mask, tokens, q_rows, g_rows, batch_size=16, mode=mode)
+    assert model.training
+    ref = pair_by_pair(model, enc, tokens, q_rows, g_rows, mode)
+    np.testing.assert_allclose(batched, ref, atol=1e-5, rtol=0)
+    if mode == "prob":
+        assert ((batched >= 0) & (batched <= 1)).all()
+
+
+def test_top_k_is_exact_and_stable():
+    s = np.array([[0.1, 0.5, 0.5, 0.9, 0.5], [3, 2, 1, 0, -1]], dtype=np.float32)
+    cols, vals = top_k(s, 3)
+    assert cols.tolist() == [[3, 1, 2], [0, 1, 2]]
+    assert vals[0].tolist() == pytest.approx([0.9, 0.5, 0.5])
+    assert top_k(s, 10)[0].shape == (2, 5)
+
+
+def test_fuse_formula():
+    itm = np.array([[2.0, 0.0, 1.0], [5.0, 5.0, 5.0]], dtype=np.float32)
+    itc = np.array([[0.1, 0.3, 0.2], [0.1, 0.3, 0.2]], dtype=np.float32)
+    fused = fuse(itm, itc, weight=0.002)
+    np.testing.assert_allclose(fused[0], [1.0, 0.002, 0.5 + 0.001], atol=1e-7)
+    np.testing.assert_allclose(fused[1], [0.0, 0.002, 0.001], atol=1e-7)  # constant ITM: ITC decides
+    assert minmax(np.ones((1, 4))).tolist() == [[0, 0, 0, 0]]
+
+
+def test_rerank_scores_keeps_tail_in_itc_order(setup):
+    model, enc, tokens, rng = setup
+    itc = rng.standard_normal((3, 6)).astype(np.float32)
+    final = rerank_scores(model, itc, enc.tokens, enc.mask, tokens, k=3)
+    cols, _ = top_k(itc, 3)
+    for q in range(3):
+        order = np.argsort(-final[q], kind="stable")
+        assert set(order[:3]) == set(cols[q])  # head = the ITC top-3, re-ordered
+        tail = [g for g in np.argsort(-itc[q], kind="stable") if g not in cols[q]]
+        assert order[3:].tolist() == tail
+        assert final[q, cols[q]].min() >= 0 > final[q, tail].max()
+        itm = pair_by_pair(model, enc, tokens, [q] * 3, cols[q])  # min-max amplifies fp noise: loose tol
+        np.testing.assert_allclose(final[q, cols[q]], fuse(itm[None], itc[q, cols[q]][None])[0], atol=1e-3)
+    np.testing.assert_array_equal(rerank_scores(model, itc, enc.tokens, enc.mask, tokens, k=0), itc)
+
+
+def test_rerank_candidates_with_missing_slots(setup):
+    model, enc, tokens, _ = setup
+    cands = np.array([[4, 1, -1], [0, 2, 3]])
+    itc = np.array([[0.9, 0.8, -1.0], [0.5, 0.4, 0.3]], dtype=np.float32)
+    itm, fused = rerank_candidates(model, enc.tokens[:2], enc.mask[:2], tokens, cands, itc)
+    assert np.isnan(itm[0, 2]) and fused[0, 2] == -np.inf and np.isfinite(fused[1]).all()
