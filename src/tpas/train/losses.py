@@ -1,0 +1,193 @@
+"""Training objectives: ITC over the global batch, ITM on sampled hard negatives, optional MLM.
+
+* ITC (image-text contrastive): symmetric cross-entropy between L2-normalised image and text
+  features, scaled by the model's learnable clamped temperature. Features from every process are
+  gathered *with* gradients so the whole global batch is the contrast set; targets are soft: all
+  pairs sharing a ``person_id`` count as positives (optionally label-smoothed).
+* ITM (image-text matching): for each positive pair one negative text and one negative image
+  drawn from the local batch with probability ∝ softmax(similarity / temperature), never of the
+  same id; plus PAB's identity hard pairs (same person, opposite behaviour) as extra negatives.
+* MLM: masked-token prediction through the fusion encoder, only for models that expose
+  ``mlm_logits`` (X-VLM); others raise :class:`NotImplementedError` with a clear message.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+# -- cross-process gathering ---------------------------------------------------------------------
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0, keeping the autograd graph.
+
+    ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients across processes
+    in backward, so each rank's local slice gets ``world_size`` times the gradient of the (identical
+    on every rank) global loss; DDP's gradient averaging divides that back out.
+    """
+    if _world() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if _world() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_world())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+# -- ITC ------------------------------------------------------------------------------------------
+def soft_targets(ids_rows: torch.Tensor, ids_cols: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Row-normalised same-id matrix; smoothing moves ``label_smoothing`` of the mass to uniform."""
+    pos = (ids_rows[:, None] == ids_cols[None, :]).float()
+    targets = pos / pos.sum(1, keepdim=True).clamp_min(1.0)
+    if label_smoothing > 0:
+        targets = (1.0 - label_smoothing) * targets + label_smoothing / targets.shape[1]
+    return targets
+
+
+def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature: torch.Tensor,
+             ids: torch.Tensor | None = None, label_smoothing: float = 0.0, gather: bool = True) -> torch.Tensor:
+    """Symmetric contrastive loss; ``ids`` [B] int (None = each pair its own class).
+
+    With ``gather`` and a process group, the loss is computed on the concatenated global batch,
+    identical on every rank.
+    """
+    if ids is None:
+        ids = torch.arange(image_embeds.shape[0], device=image_embeds.device)
+        if gather and _world() > 1:
+            ids = ids + dist.get_rank() * image_embeds.shape[0]  # unique across ranks (equal batches)
+    if gather:
+        image_embeds, text_embeds, ids = gather_with_grad(image_embeds), gather_with_grad(text_embeds), gather_no_grad(ids)
+    logits = image_embeds.float() @ text_embeds.float().t() / temperature.float()
+    targets = soft_targets(ids, ids, label_smoothing)
+    loss_i2t = -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
+    loss_t2i = -(F.log_softmax(logits.t(), dim=1) * targets.t()).sum(1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+# -- ITM hard-negative sampling -----------------------------------------------------------------
+@torch.no_grad()
+def sample_negatives(sim: torch.Tensor, ids: torch.Tensor, temperature: float | torch.Tensor = 1.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """For each row of ``sim`` [B,B] pick one column ∝ softmax(sim/temperature) with a different id.
+
+    Returns [B] column indices, -1 where the row has no column of another id (all-same-id batch).
+    """
+    same = ids[:, None] == ids[None, :]
+    weights = F.softmax(sim.float() / float(temperature), dim=1)
+    # a tiny floor keeps rows whose softmax underflowed to 0 on every valid column samplable
+    weights = (weights + 1e-12).masked_fill(same, 0.0)
+    valid = (~same).any(dim=1)
+    picks = torch.full((sim.shape[0],), -1, dtype=torch.long, device=sim.device)
+    if valid.any():
+        drawn = torch.multinomial(weights[valid], 1, generator=generator).squeeze(1)
+        picks[valid] = drawn
+    return picks
+
+
+def itm_loss(model, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
+             sim_i2t: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor,
+             extra_negatives: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Binary matching loss over positives, sampled in-batch negatives and ``extra_negatives``.
+
+    ``sim_i2t`` [B,B] is the local image-text cosine matrix (no grad needed). ``extra_negatives``
+    are ready-made (image_tokens, text_tokens, text_mask) triples labelled "no match" (PAB hard
+    pairs). Returns the mean cross-entropy and the ITM accuracy for logging.
+    """
+    sim = sim_i2t.detach()
+    neg_text_for_image = sample_negatives(sim, ids, temperature)  # [B] text index per image
+    neg_image_for_text = sample_negatives(sim.t(), ids, temperature)  # [B] image index per text
+    b = image_tokens.shape[0]
+    rows = torch.arange(b, device=image_tokens.device)
+    vi, vt = neg_text_for_image >= 0, neg_image_for_text >= 0
+    img_parts = [image_tokens, image_tokens[vi], image_tokens[neg_image_for_text[vt]]]
+    txt_parts = [text_tokens, text_tokens[neg_text_for_image[vi]], text_tokens[rows[vt]]]
+    mask_parts = [text_mask, text_mask[neg_text_for_image[vi]], text_mask[rows[vt]]]
+    for img, txt, msk in extra_negatives or []:
+        img_parts.append(img)
+        txt_parts.append(txt)
+        mask_parts.append(msk)
+    width = max(t.shape[1] for t in txt_parts)
+    txt_parts = [_pad_to(t, width) for t in txt_parts]
+    mask_parts = [_pad_to(m, width) for m in mask_parts]
+    logits = model.itm_logits(torch.cat(img_parts), torch.cat(txt_parts), torch.cat(mask_parts))
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    labels[:b] = 1
+    loss = F.cross_entropy(logits.float(), labels)
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    return loss, {"itm_acc": acc, "itm_pairs": float(logits.shape[0])}
+
+
+def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad the sequence dim (dim 1) with zeros: texts of different batches have other widths."""
+    if t.shape[1] == width:
+        return t
+    pad = [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]]
+    return F.pad(t, pad)
+
+
+# -- MLM -----------------------------------------------------------------------------------------
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int, vocab_size: int,
+                probability: float = 0.25, special_ids: tuple[int, ...] = (0, 101, 102),
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: of the chosen tokens 80% -> [MASK], 10% random, 10% kept. Labels -100 elsewhere."""
+    ids = input_ids.clone()
+    probs = torch.full(ids.shape, probability, device=ids.device)
+    special = attention_mask == 0
+    for sid in special_ids:
+        special |= ids == sid
+    probs.masked_fill_(special, 0.0)
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8, device=ids.device), generator=generator).bool() & chosen
+    ids[to_mask] = mask_id
+    to_random = torch.bernoulli(torch.full(ids.shape, 0.5, device=ids.device), generator=generator).bool()
+    to_random &= chosen & ~to_mask
+    ids[to_random] = torch.randint(vocab_size, ids.shape, device=ids.device, generator=generator)[to_random]
+    return ids, labels
+
+
+def mlm_loss(model, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+             probability: float = 0.25) -> torch.Tensor:
+    """Masked-token prediction conditioned on the image; needs ``model.mlm_logits``."""
+    head = getattr(model, "mlm_logits", None)
+    if head is None:
+        raise NotImplementedError(
+            f"MLM needs a model with an MLM head (mlm_logits); the {getattr(model, 'family', '?')!r} "
+            "family has none: set loss.mlm=0")
+    tok = model.tokenizer
+    special = (tok.pad_id, tok.cls_id, tok.sep_id)
+    masked, labels = mask_tokens(input_ids, attention_mask, tok.mask_id, tok.vocab_size, probability, special)
+    logits = head(image_tokens, masked, attention_mask)  # [B,L,V]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
+# -- EDA-style text augmentation -----------------------------------------------------------------
+def eda(text: str, rng: random.Random, p_delete: float = 0.1, n_swaps: int = 1) -> str:
+    """Synonym-free EDA: random word deletion (each word with ``p_delete``) and ``n_swaps`` swaps.
+
+    Deletion never empties the caption; behaviour words can be dropped too, which is the point:
+    the model must not rely on one word.
+    """
+    words = text.split()
+    if len(words) < 2:
+        return text
+    kept = [w for w in words if rng.random() >= p_delete] or [rng.choice(words)]
+    for _ in range(n_swaps if len(kept) > 1 else 0):
+        i, j = rng.randrange(len(kept)), rng.randrange(len(kept))
+        kept[i], kept[j] = kept[j], kept[i]
+    return " ".join(kept)
