@@ -129,8 +129,16 @@ class RetrievalModel(nn.Module, abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_save(directory / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        self.save_extras(directory)
+        # config.json last: a directory that has it is complete
         write_json(directory / CONFIG_NAME, {"family": self.family, "config": self.config.to_dict()})
         return directory
+
+    def save_extras(self, directory: Path) -> None:
+        """Hook: write files a saved model needs besides config + weights (e.g. tokenizer files)."""
+
+    def load_extras(self, directory: Path) -> None:
+        """Hook: read what :meth:`save_extras` wrote; ``from_pretrained`` calls it after the weights."""
 
 
 def read_config_file(directory: str | Path) -> dict[str, Any]:

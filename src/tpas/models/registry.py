@@ -143,6 +143,7 @@ def from_pretrained(directory: str | Path, **overrides: Any) -> RetrievalModel:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.load_extras(directory)
     log.info("loaded %s model from %s", data["family"], directory)
     return model
 
