@@ -167,7 +167,8 @@ IGNORED_KEYS: tuple[tuple[str, str], ...] = (
     (r"^text_encoder\.embeddings\.position_ids$", "constant buffer"),
     (r"^text_encoder\.cls\.", "MLM head of pretraining/CMP (not used for retrieval)"),
     (r"^bbox_head\.", "box-prediction head of X-VLM pretraining"),
-    (r"^pose_block\.|^pose_conv\.", "CMP pose branch (not supported; RGB-only model)"),
+    (r"^pose_block\.|^pose_conv\.",
+     "CMP pose branch (not supported: tpas runs the RGB path only, image tokens skip the pose block)"),
 )
 
 
@@ -275,8 +276,8 @@ def convert_official_state_dict(
             + "; ".join(mismatches[:8]) + (" ..." if len(mismatches) > 8 else ""))
     report.unexpected = sorted(k for k in out if k not in own)
     report.missing = sorted(k for k in own if k not in out)
-    for reason, count in ignored_reasons.items():
-        log.info("ignored %d checkpoint keys: %s", count, reason)
+    for reason, count in ignored_reasons.items():  # the pose branch changes what the model computes: say so
+        log.log(logging.WARNING if "pose" in reason else logging.INFO, "ignored %d checkpoint keys: %s", count, reason)
     return out, report
 
 
