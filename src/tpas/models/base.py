@@ -148,3 +148,16 @@ def read_config_file(directory: str | Path) -> dict[str, Any]:
     if "family" not in data or "config" not in data:
         raise ValueError(f"{path}: expected keys 'family' and 'config'")
     return data
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameter counts per top-level submodule plus ``total`` and ``trainable`` (for tables, logs)."""
+    counts: dict[str, int] = {}
+    for name, child in model.named_children():
+        counts[name] = sum(p.numel() for p in child.parameters())
+    direct = sum(p.numel() for p in model.parameters(recurse=False))
+    if direct:
+        counts["(own)"] = direct
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    counts["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return counts

@@ -74,7 +74,8 @@ def get_family(name: str) -> type[RetrievalModel]:
     if name not in _FAMILIES:
         if name not in FAMILY_MODULES:
             raise KeyError(f"unknown model family {name!r}; known: {sorted(FAMILY_MODULES)}")
-        importlib.import_module(FAMILY_MODULES[name])
+        if not _import_family_module(FAMILY_MODULES[name]) or name not in _FAMILIES:
+            raise KeyError(f"model family {name!r} is not available (module {FAMILY_MODULES[name]})")
     return _FAMILIES[name]
 
 
@@ -98,13 +99,18 @@ def create_model(name_or_dir: str | Path, checkpoint: str | Path | None = None, 
     """
     path = Path(name_or_dir)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
-        return from_pretrained(path, **overrides)
+        model = from_pretrained(path, **overrides)
+        if checkpoint is not None:
+            _load_checkpoint(model, checkpoint)
+        return model
     name = str(name_or_dir)
     if name not in _NAMED:
         _load_all_families()
     if name in FAMILY_MODULES and name not in _NAMED:
         cls = get_family(name)
         return _build(cls, {}, checkpoint, overrides, builder=None)
+    if name not in _NAMED and path.is_dir():
+        raise FileNotFoundError(f"{path}: not a saved model directory (no {CONFIG_NAME})")
     if name not in _NAMED:
         raise KeyError(f"unknown model {name!r}: not a saved model directory nor one of {list_models()}")
     named = _NAMED[name]
@@ -123,11 +129,15 @@ def _build(cls, defaults, checkpoint, overrides, builder) -> RetrievalModel:
     config = cls.config_class.from_dict(config_kwargs)
     model = cls(config)
     if checkpoint is not None:
-        load = getattr(model, "load_checkpoint", None)
-        if load is None:
-            raise TypeError(f"{cls.family} models take no checkpoint file")
-        load(checkpoint)
+        _load_checkpoint(model, checkpoint)
     return model
+
+
+def _load_checkpoint(model: RetrievalModel, checkpoint: str | Path) -> None:
+    load = getattr(model, "load_checkpoint", None)
+    if load is None:
+        raise TypeError(f"{model.family} models take no checkpoint file")
+    load(checkpoint)
 
 
 def from_pretrained(directory: str | Path, **overrides: Any) -> RetrievalModel:
@@ -139,8 +149,14 @@ def from_pretrained(directory: str | Path, **overrides: Any) -> RetrievalModel:
     cls = get_family(data["family"])
     config = cls.config_class.from_dict({**data["config"], **overrides})
     model = cls(config, pretrained=False) if _accepts_pretrained(cls) else cls(config)
-    state = load_file(str(directory / WEIGHTS_NAME))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{directory}: {CONFIG_NAME} present but {WEIGHTS_NAME} is missing")
+    state = load_file(str(weights))
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ValueError(f"{directory}: weights do not fit config: {exc}") from None
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.load_extras(directory)
