@@ -93,20 +93,13 @@ def test_page_renders_results_in_chromium(tiny_search_engine, tmp_path):
 
 
 def engine_size(engine) -> int:
-    try:
-        return len(engine)
-    except TypeError:
-        return len(engine.paths)
+    return len(engine)
 
 
-@pytest.fixture()
-def tiny_search_engine(tmp_path):
-    from PIL import Image
-    from test_serve import FakeEngine
 
-    paths = {}
-    for i, c in enumerate(["red", "green", "blue", "yellow", "purple", "orange", "gray", "pink", "brown", "cyan", "navy"]):
-        p = tmp_path / f"{i}.jpg"
-        Image.new("RGB", (64, 128), c).save(p)
-        paths[f"g{i}"] = p
-    return FakeEngine(paths), "a man in red"
+@pytest.fixture(scope="module")
+def tiny_search_engine(tmp_path_factory):
+    """A real SearchEngine over a tiny lite-tiny index (built by the helper in test_serve)."""
+    from test_serve import build_tiny_engine
+
+    return build_tiny_engine(tmp_path_factory.mktemp("browser_index")), "a woman in a blue coat is running"

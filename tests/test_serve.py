@@ -61,6 +61,34 @@ class FakeEngine:
         return self.paths[image_id]  # KeyError for unknown ids, like the real engine
 
 
+def build_tiny_engine(folder: Path):
+    """A real SearchEngine over 12 generated images indexed with the random ``lite-tiny`` model."""
+    import numpy as np
+    import torch
+
+    from tpas.models import create_model
+    from tpas.search.engine import SearchEngine
+    from tpas.search.index import build_index, gallery_from_folder
+
+    images = folder / "images"
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        sub = images / ("cam_a" if i % 2 else "cam_b")
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = np.full((128, 64, 3), rng.integers(30, 220, size=3), dtype=np.uint8)
+        pixels[20:110, 16:48] = rng.integers(0, 255, size=3)
+        Image.fromarray(pixels).save(sub / f"{i:03d}.jpg")
+    torch.manual_seed(0)
+    model = create_model("lite-tiny").eval()
+    build_index(model, gallery_from_folder(images), images, folder / "index", progress=False)
+    return SearchEngine(folder / "index", model)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    return build_tiny_engine(tmp_path_factory.mktemp("tiny_index"))
+
+
 @pytest.fixture()
 def gallery(tmp_path: Path) -> dict[str, Path]:
     root = tmp_path / "gallery"
@@ -252,3 +280,26 @@ def test_serve_command_registered():
 
     args = build_parser().parse_args(["serve", "--index", "i", "--model", "m"])
     assert args.host == "127.0.0.1" and args.port == 8000
+
+
+def test_real_engine_end_to_end(tiny_engine):
+    """The app over a real SearchEngine + index: ITC and ITM re-ranked results, images by id."""
+    c = TestClient(create_app(tiny_engine, info={"gallery_size": len(tiny_engine)}))
+    body = c.get("/api/search", params={"q": "a man in a red jacket", "k": 5}).json()
+    assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
+    assert all(h["itm_score"] is None and h["id"].startswith("cam_") for h in body["results"])
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    reranked = c.get("/api/search", params={"q": "a man in a red jacket", "k": 5, "rerank": 3}).json()["results"]
+    assert [h["itm_score"] is not None for h in reranked] == [True] * 3 + [False] * 2
+    everything = c.get("/api/search", params={"q": "person", "k": 100}).json()["results"]
+    assert len(everything) == 12  # k larger than the gallery: all of it, no padding
+    url = body["results"][0]["url"]
+    assert "%2F" in url  # ids with "/" are quoted into one path segment
+    img = c.get(url)
+    assert img.status_code == 200 and img.headers["content-type"] == "image/jpeg"
+    assert img.content == tiny_engine.image_path(body["results"][0]["id"]).read_bytes()
+    assert c.get("/images/cam_a").status_code == 404
+    assert c.get("/images/cam_a%2F001.jpg").status_code == 404  # the file name is not the id
+    assert c.get("/images/..%2Findex%2Fmeta.json").status_code == 404
+    assert c.get("/healthz").json()["gallery_size"] == 12
