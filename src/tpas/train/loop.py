@@ -1,0 +1,486 @@
+"""The trainer: one code path for a laptop CPU and ``accelerate launch`` on many GPUs or nodes.
+
+Run directory layout (``<out>``)::
+
+    config.yaml            the resolved config
+    log.jsonl              one JSON object per logged step / validation
+    checkpoints/latest     name of the newest complete checkpoint (written last, atomically)
+    checkpoints/step-N/    config.json + model.safetensors, trainer_state.pt (optimizer,
+                           scheduler, scaler, step/epoch/batch position, best R@1), rng-<rank>.pt
+    last/                  save_pretrained dir of the newest weights (create_model("<out>/last"))
+    best/                  save_pretrained dir of the best validation R@1 (+ metrics.json)
+
+A checkpoint is written into ``checkpoints/.tmp-step-N`` and renamed when complete, and
+``latest`` is updated after the rename, so a crash at any moment leaves the previous checkpoint
+usable. ``resume=True`` restores weights, optimizer, scheduler, scaler, every RNG and the position
+in the epoch; with the deterministic data order of :mod:`tpas.data.loader` the resumed run ends
+with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tpas.config import LossSection, TrainConfig, dump_config
+from tpas.errors import TpasError
+from tpas.utils.io import write_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "trainer_state.pt"
+
+
+# -- the per-batch objective ---------------------------------------------------------------------
+class TrainStep(nn.Module):
+    """Model + losses in one ``forward(batch) -> dict`` so DDP sees a single forward per step."""
+
+    def __init__(self, model: nn.Module, loss: LossSection):
+        super().__init__()
+        self.model = model
+        self.cfg = loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from tpas.train.losses import itc_loss, itm_loss, mlm_loss
+
+        m, cfg = self.model, self.cfg
+        img = m.encode_image(batch["images"])
+        txt = m.encode_text(batch["input_ids"], batch["attention_mask"])
+        temp = m.temperature
+        labels = batch["labels"]
+        out: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=img.embeds.device)
+        if cfg.itc > 0:
+            out["itc"] = itc_loss(img.embeds, txt.embeds, temp, labels if cfg.same_id_positive else None,
+                                  cfg.label_smoothing)
+            total = total + cfg.itc * out["itc"]
+        if cfg.itm > 0:
+            extra = []
+            rows = batch.get("hard_rows")
+            if cfg.itm_hard_pairs and rows is not None and rows.numel() and "hard_images" in batch:
+                hard_img = m.encode_image(batch["hard_images"]).tokens
+                hard_txt = m.encode_text(batch["hard_input_ids"], batch["hard_attention_mask"])
+                extra.append((img.tokens[rows], hard_txt.tokens, hard_txt.mask))  # image + other-behaviour caption
+                extra.append((hard_img, txt.tokens[rows], txt.mask[rows]))  # other-behaviour image + caption
+            sim = img.embeds.detach().float() @ txt.embeds.detach().float().t()
+            out["itm"], stats = itm_loss(m, img.tokens, txt.tokens, txt.mask, sim, labels, temp.detach(), extra)
+            out["itm_acc"] = torch.tensor(stats["itm_acc"])
+            total = total + cfg.itm * out["itm"]
+        if cfg.mlm > 0:
+            out["mlm"] = mlm_loss(m, img.tokens, batch["input_ids"], batch["attention_mask"], cfg.mlm_probability)
+            total = total + cfg.mlm * out["mlm"]
+        out["loss"] = total
+        return out
+
+
+# -- RNG state -------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(obj):
+    return tuple(_as_tuple(x) for x in obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+class Trainer:
+    """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs to the end and returns ``out``."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, trainset=None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.config = cfg = config
+        tcfg = cfg.train
+        if tcfg.threads > 0:
+            torch.set_num_threads(tcfg.threads)
+        cpu = tcfg.device == "cpu" or not torch.cuda.is_available()
+        precision = tcfg.precision
+        if precision == "auto":
+            precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+        if precision not in ("no", "bf16", "fp16"):
+            raise TpasError(f"train.precision must be auto, no, bf16 or fp16; got {precision!r}")
+        self.accelerator = acc = Accelerator(
+            cpu=cpu, mixed_precision=precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=tcfg.find_unused_parameters)])
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.out = Path(tcfg.out or Path("runs") / cfg.name)
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+        seed_everything(tcfg.seed)  # same on every rank: identical initial weights
+        self.model = self._build_model()
+        self._build_data(trainset)
+        self._build_optim()
+        self.step_module, self.optimizer = acc.prepare(TrainStep(self.model, cfg.loss), self.optimizer)
+        seed_everything(tcfg.seed + 1000 * (self.rank + 1))  # per-rank dropout / negative sampling
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_r1": -1.0, "best_step": -1}
+        if resume:
+            self._load_latest()
+        elif acc.is_main_process and (self.out / CHECKPOINTS / LATEST).exists():
+            log.warning("%s already holds checkpoints; starting over (pass --resume to continue)", self.out)
+
+    # -- construction --------------------------------------------------------------------------
+    def _build_model(self):
+        from tpas.models import create_model
+
+        mcfg = self.config.model
+        model = create_model(mcfg.name, checkpoint=mcfg.checkpoint, **mcfg.options)
+        if mcfg.train_text_layers is not None or mcfg.train_image_blocks is not None:
+            if not hasattr(model, "set_trainable"):
+                raise TpasError(f"model {mcfg.name!r} has no set_trainable: remove model.train_* options")
+            text = mcfg.train_text_layers if mcfg.train_text_layers is not None else getattr(
+                model.config, "train_text_layers", -1)
+            image = mcfg.train_image_blocks if mcfg.train_image_blocks is not None else getattr(
+                model.config, "train_image_blocks", -1)
+            model.set_trainable(text, image)
+        n_all = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("model %s: %.1fM parameters, %.1fM trainable", mcfg.name, n_all / 1e6, n_train / 1e6)
+        return model
+
+    def _build_data(self, trainset) -> None:
+        from tpas.data.loader import (Collator, PairDataset, ShardedBatchSampler, build_train_loader, label_map,
+                                      split_by_identity, subsample, validation_set)
+        from tpas.data.transforms import EvalTransform, TrainTransform
+
+        cfg, dcfg = self.config, self.config.data
+        if trainset is None:
+            if not dcfg.root:
+                raise TpasError("data.root is not set (the dataset directory)")
+            from tpas.data.datasets import load_train
+
+            trainset = load_train(dcfg.root, dcfg.format)
+        trainset = subsample(trainset, dcfg.max_pairs, cfg.train.seed)
+        train_pairs, val_pairs = split_by_identity(trainset.pairs, dcfg.val_identities, cfg.train.seed)
+        self.root = Path(trainset.root)
+        self.valset = validation_set(val_pairs, self.root, dcfg.val_max_queries) if val_pairs else None
+        model = self.model
+        size, mean, std = model.image_size, model.config.image_mean, model.config.image_std
+        transform = TrainTransform(size, mean, std) if dcfg.augment else EvalTransform(size, mean, std)
+        hard = dcfg.hard_pairs and cfg.loss.itm > 0 and cfg.loss.itm_hard_pairs
+        self.dataset = PairDataset(train_pairs, self.root, transform, label_map(train_pairs), cfg.train.seed,
+                                   hard_pairs=hard, eda=dcfg.eda)
+        self.sampler = ShardedBatchSampler(len(self.dataset), cfg.train.batch_size, self.world, self.rank,
+                                           cfg.train.seed)
+        self.loader = build_train_loader(self.dataset, self.sampler, Collator.for_model(model), dcfg.workers)
+        accum = max(1, cfg.train.grad_accum)
+        self.steps_per_epoch = len(self.sampler) // accum
+        if self.steps_per_epoch == 0:
+            raise TpasError(f"an epoch has {len(self.sampler)} batches, fewer than train.grad_accum={accum}")
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        log.info("training on %d pairs (%d identities), %d steps of %d global samples (%d steps/epoch)",
+                 len(train_pairs), len(self.dataset.labels), self.total_steps, self.global_batch, self.steps_per_epoch)
+
+    @property
+    def global_batch(self) -> int:
+        t = self.config.train
+        return t.batch_size * self.world * max(1, t.grad_accum)
+
+    def _build_optim(self) -> None:
+        from tpas.train.optim import build_optimizer, build_scheduler
+
+        t = self.config.train
+        self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.lr_mult, t.betas, t.eps)
+        self.scheduler = build_scheduler(self.optimizer, t.schedule, self.total_steps, t.warmup, t.min_lr_ratio,
+                                         t.step_milestones, t.step_gamma)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.step_module).model
+
+    def _checkpoint(self) -> Path:
+        acc = self.accelerator
+        root = self.out / CHECKPOINTS
+        name = f"step-{self.state['step']:08d}"
+        tmp, final = root / f".tmp-{name}", root / name
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(rng_state(), tmp / f"rng-{self.rank}.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.unwrapped.save_pretrained(tmp)
+            if self.config.train.debug_kill_at_step == self.state["step"]:
+                log.warning("debug_kill_at_step: SIGKILL while checkpoint %s is half written", name)
+                os.kill(os.getpid(), signal.SIGKILL)
+            scaler = getattr(acc, "scaler", None)
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "state": dict(self.state), "world_size": self.world}, tmp / STATE_FILE)
+            _replace_dir(tmp, final)
+            write_text(root / LATEST, name + "\n")
+            self._export(final, self.out / "last")
+            self._prune(root, keep=max(1, self.config.train.keep_checkpoints))
+            log.info("checkpoint %s", final)
+        acc.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def _export(checkpoint: Path, target: Path) -> None:
+        """Copy the model files of a checkpoint into a save_pretrained dir, atomically."""
+        from tpas.models.base import CONFIG_NAME, WEIGHTS_NAME
+
+        tmp = target.parent / f".tmp-{target.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for fname in (CONFIG_NAME, WEIGHTS_NAME):
+            shutil.copy2(checkpoint / fname, tmp / fname)
+        _replace_dir(tmp, target)
+
+    @staticmethod
+    def _prune(root: Path, keep: int) -> None:
+        done = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _load_latest(self) -> None:
+        from safetensors.torch import load_file
+
+        from tpas.models.base import WEIGHTS_NAME
+
+        latest = self.out / CHECKPOINTS / LATEST
+        if not latest.is_file():
+            log.warning("--resume: no checkpoint under %s; starting from scratch", self.out)
+            return
+        ckpt = self.out / CHECKPOINTS / latest.read_text().strip()
+        if not (ckpt / STATE_FILE).is_file():
+            raise TpasError(f"{ckpt}: incomplete checkpoint (no {STATE_FILE})")
+        self.unwrapped.load_state_dict(load_file(str(ckpt / WEIGHTS_NAME)))
+        saved = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        self.state.update(saved["state"])
+        rng_file = ckpt / f"rng-{self.rank}.pt"
+        if saved.get("world_size") != self.world or not rng_file.is_file():
+            log.warning("resuming with %d processes from a %s-process checkpoint: data order is kept, "
+                        "random streams are re-seeded", self.world, saved.get("world_size"))
+            seed_everything(self.config.train.seed + 7919 * (self.state["step"] + 1) + self.rank)
+        else:
+            set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        if self.accelerator.is_main_process:
+            _truncate_log(self.out / "log.jsonl", self.state["step"])
+        log.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt, self.state["step"], self.state["epoch"],
+                 self.state["batch"])
+
+    # -- validation ----------------------------------------------------------------------------
+    def validate(self) -> dict[str, float] | None:
+        """ITC text-to-image R@K/mAP on the held-out training identities (main process only)."""
+        acc = self.accelerator
+        metrics = None
+        if acc.is_main_process and self.valset is not None:
+            with torch.random.fork_rng(devices=[]):
+                metrics = evaluate_itc(self.unwrapped, self.valset, self.config.val.batch_size)
+            improved = metrics["R@1"] > self.state["best_r1"]
+            self._log({"step": self.state["step"], "epoch": self.state["epoch"], "val": metrics,
+                       "best": improved})
+            log.info("validation at step %d: R@1 %.2f R@5 %.2f mAP %.2f%s", self.state["step"], metrics["R@1"],
+                     metrics["R@5"], metrics["mAP"], " (best)" if improved else "")
+            if improved:
+                self.state["best_r1"], self.state["best_step"] = metrics["R@1"], self.state["step"]
+                self._save_best(metrics)
+        acc.wait_for_everyone()
+        return metrics
+
+    def _save_best(self, metrics: dict[str, float]) -> None:
+        from tpas.utils.io import write_json
+
+        tmp = self.out / ".tmp-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.unwrapped.save_pretrained(tmp)
+        write_json(tmp / "metrics.json", {"step": self.state["step"], "epoch": self.state["epoch"], **metrics})
+        _replace_dir(tmp, self.out / "best")
+
+    # -- logging -------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("time", "step", "epoch"):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+            for key, value in (record.get("val") or {}).items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"val/{key}", value, record["step"])
+
+    def _open_tensorboard(self):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.debug("tensorboard not installed: JSONL log only")
+            return None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        from tqdm.auto import tqdm
+
+        acc, cfg, t = self.accelerator, self.config, self.config.train
+        self.tb = self._open_tensorboard()
+        if acc.is_main_process:
+            write_text(self.out / "config.yaml", dump_config(cfg))
+        if cfg.val.at_start and self.state["step"] == 0 and cfg.val.every >= 0:
+            self.validate()
+        accum = max(1, t.grad_accum)
+        per_epoch = self.steps_per_epoch * accum  # micro-batches used per epoch
+        bar = tqdm(total=self.total_steps, initial=self.state["step"], desc="train", unit="step",
+                   disable=not (acc.is_main_process and t.progress), dynamic_ncols=True)
+        model = self.step_module
+        model.train()
+        tick, sps, running = time.perf_counter(), 0.0, {}
+        while self.state["step"] < self.total_steps:
+            epoch = self.state["epoch"]
+            self.dataset.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, start=self.state["batch"])
+            micro = 0
+            for batch in self.loader:
+                batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+                micro += 1
+                sync = micro % accum == 0
+                ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
+                with ctx, acc.autocast():
+                    losses = model(batch)
+                    acc.backward(losses["loss"] / accum)
+                for k, v in losses.items():
+                    running[k] = running.get(k, 0.0) + float(v.detach()) / accum
+                self.state["batch"] += 1
+                if not sync:
+                    continue
+                grad_norm = None
+                if t.grad_clip > 0:
+                    grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state["step"] += 1
+                step = self.state["step"]
+                now = time.perf_counter()
+                sps = self.global_batch / max(now - tick, 1e-9)
+                tick = now
+                lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{running['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
+                if step % max(1, t.log_every) == 0 or step == self.total_steps:
+                    rec = {"step": step, "epoch": epoch, **{k: round(v, 5) for k, v in running.items()},
+                           "lr": lr, "temp": float(self.unwrapped.temperature.detach()), "samples_per_s": round(sps, 2)}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = round(grad_norm, 4)
+                    self._log(rec)
+                running = {}
+                epoch_end = self.state["batch"] >= per_epoch
+                if epoch_end:
+                    self.state["epoch"], self.state["batch"] = epoch + 1, 0
+                last = step >= self.total_steps
+                if cfg.val.every >= 0 and ((cfg.val.every > 0 and step % cfg.val.every == 0)
+                                           or (cfg.val.every == 0 and epoch_end) or last):
+                    self.validate()
+                if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or (
+                        t.checkpoint_every == 0 and epoch_end) or last:
+                    self._checkpoint()
+                    tick = time.perf_counter()  # do not count checkpoint time in samples/s
+                if epoch_end or last:
+                    break
+            self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at epoch end
+        bar.close()
+        if acc.is_main_process:
+            if self.state["best_step"] < 0:
+                log.warning("no validation ran (empty split or val.every<0): best/ is the last weights")
+                self._export(self.out / CHECKPOINTS / (self.out / CHECKPOINTS / LATEST).read_text().strip(),
+                             self.out / "best")
+            if self.tb is not None:
+                self.tb.close()
+        acc.wait_for_everyone()
+        return self.out
+
+
+def evaluate_itc(model, evalset, batch_size: int = 64) -> dict[str, float]:
+    """Text-to-image ITC retrieval metrics of ``model`` on an EvalSet (no re-ranking)."""
+    from tpas.eval.metrics import evaluate
+    from tpas.search.encode import encode_images, encode_texts
+
+    images = encode_images(model, [evalset.image_path(g.image) for g in evalset.gallery], batch_size=batch_size,
+                           progress=False)
+    texts = encode_texts(model, [q.caption for q in evalset.queries], batch_size=batch_size, progress=False)
+    scores = texts.embeds @ images.embeds.T
+    result = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(), ks=(1, 5, 10))
+    return {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating))}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` onto ``dst``; an existing ``dst`` is swapped out first, then removed."""
+    old = None
+    if dst.exists():
+        old = dst.parent / f".old-{dst.name}-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+    write_text(path, "".join(k + "\n" for k in kept))
+
+
+def train(config: TrainConfig, resume: bool = False, trainset=None) -> Path:
+    """Train (or resume) per ``config``; returns the run directory (``<out>/best``, ``<out>/last``, logs).
+
+    ``trainset`` replaces reading ``config.data.root`` (tests, the demo).
+    """
+    return Trainer(config, resume=resume, trainset=trainset).fit()
