@@ -1,0 +1,78 @@
+"""``tpas eval``: metrics, answer.txt and an HTML report for one model on one evaluation split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a model: R@1/5/10, mAP, mINP (+ normal/anomaly), report.html, answer.txt",
+        description="Encode the split's gallery and queries, rank by ITC, optionally re-rank with ITM and "
+                    "post-process the query set; print and save metrics, write report.html and, for a "
+                    "masked challenge set, answer.txt.")
+    p.add_argument("--model", required=True, help="model directory (e.g. RUN/best) or a named model")
+    p.add_argument("--data", required=True, help="dataset root (for --split challenge: the challenge folder "
+                                                 "or a root holding challenge/)")
+    p.add_argument("--format", default="pab", choices=("pab", "cuhk", "icfg", "rstp"))
+    p.add_argument("--split", default="test", help="test | ucc | challenge (pab); test | val (tbps)")
+    p.add_argument("--rerank", type=int, default=0, help="ITM re-rank depth (e.g. 128; 0 = ITC only)")
+    p.add_argument("--itm", default="logit", choices=("logit", "prob"), help="ITM score used in fusion")
+    p.add_argument("--weight", type=float, default=0.002, help="ITC weight in the fusion (default 0.002)")
+    p.add_argument("--post", default="none", choices=("none", "sca", "one_to_one", "dual_softmax"),
+                   help="query-set post-processing; valid only when one image answers at most one query (PAB)")
+    p.add_argument("--post-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the post-processing, e.g. threshold=0.8, k=10, temperature=0.05 (repeatable)")
+    p.add_argument("--out", default=None, help="output folder (default runs/eval/<split>)")
+    p.add_argument("--index", default=None, help="gallery index folder to reuse/build (default OUT/index)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    p.add_argument("--report-queries", type=int, default=24, help="queries shown in report.html")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.set_defaults(func=run)
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["threshold=0.8", "k=10"]`` -> ``{"threshold": 0.8, "k": 10}`` (numbers parsed as JSON)."""
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--post-option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def resolve_root(data: str, split: str) -> Path:
+    """For the challenge split accept the dataset root too when it holds ``challenge/query.json``."""
+    root = Path(data)
+    if split == "challenge" and not (root / "query.json").is_file() and (root / "challenge" / "query.json").is_file():
+        return root / "challenge"
+    return root
+
+
+def run(args: argparse.Namespace) -> int:
+    from tpas.commands.search import load_model
+    from tpas.data.datasets import load_eval
+    from tpas.eval.metrics import format_table
+    from tpas.eval.run import run_eval
+
+    evalset = load_eval(resolve_root(args.data, args.split), args.format, args.split)
+    model = load_model(args.model, args.device)
+    out = Path(args.out) if args.out else Path("runs") / "eval" / args.split
+    result = run_eval(model, evalset, rerank=args.rerank, post=args.post, out_dir=out, index_dir=args.index,
+                      post_options=parse_options(args.post_option), itm_mode=args.itm, weight=args.weight,
+                      batch_size=args.batch_size, workers=args.workers, report_queries=args.report_queries)
+    setting = f"rerank={args.rerank} post={args.post}"
+    if "R@1" in result:
+        print(format_table(result, title=f"all ({setting})"))
+    if "answer_scores" in result:
+        print(format_table(result["answer_scores"], title="answer.txt"))
+    for name, path in result["outputs"].items():
+        print(f"{name}: {path}")
+    return 0
