@@ -392,6 +392,8 @@ class Trainer:
                 self.state["batch"] += 1
                 if not sync:
                     continue
+                group = self.optimizer.param_groups[0]
+                lr = group["lr"] / group.get("lr_mult", 1.0)  # the base lr this step used
                 grad_norm = None
                 if t.grad_clip > 0:
                     grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
@@ -403,7 +405,6 @@ class Trainer:
                 now = time.perf_counter()
                 sps = self.global_batch / max(now - tick, 1e-9)
                 tick = now
-                lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_mult", 1.0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{running['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{sps:.1f}")
                 if step % max(1, t.log_every) == 0 or step == self.total_steps:
