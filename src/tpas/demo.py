@@ -5,9 +5,9 @@ resumes where it stopped):
 
 1. ``data``   generate mini-PAB (procedural pedestrians + captions, PAB layout)
 2. ``train``  train the ``lite`` model with ``configs/minipab-lite.yaml``
-3. ``eval``   evaluate on the test split: ITC only, + ITM re-ranking, + SCA  -> results.md/json
-4. ``report`` report.html: the table plus links to each setting's retrieval report
-5. ``index``  index the test gallery for the search page
+3. ``index``  index the test gallery (with image tokens, for ITM): shared by eval and the page
+4. ``eval``   evaluate on the test split: ITC only, + ITM re-ranking, + SCA  -> results.md/json
+5. ``report`` report.html: the table plus links to each setting's retrieval report
 6. ``serve``  the search page on 127.0.0.1 until Ctrl-C (skipped with ``--no-serve``)
 
 A step writes ``.steps/<step>.json`` (its parameters) only once its outputs are complete; if a
@@ -122,15 +122,18 @@ def make_data(opts: DemoOptions, data_dir: Path) -> None:
 
 
 def train_model(opts: DemoOptions, data_dir: Path, train_dir: Path) -> Path:
+    """Train lite on the generated data; an interrupted run resumes from its latest checkpoint."""
     from tpas.config import load_config
     from tpas.train.loop import train
 
     config_path = opts.config or REPO_CONFIG
-    overrides = [f"data.root={data_dir}", *opts.overrides]
+    overrides = [f"data.root={data_dir}", f"train.out={train_dir}", *opts.overrides]
     config = load_config(config_path, overrides)
-    resume = (train_dir / "last").exists() or any(train_dir.glob("checkpoint*")) if train_dir.exists() else False
-    run_dir = train(config, out_dir=train_dir, resume=resume)
-    best = Path(run_dir) / "best"
+    resume = (train_dir / "checkpoints" / "latest").is_file()
+    if resume:
+        log.info("[demo] resuming training from %s", train_dir / "checkpoints")
+    run_dir = Path(train(config, resume=resume))
+    best = run_dir / "best"
     if not (best / "config.json").is_file():
         raise TpasError(f"training finished but wrote no best model at {best}")
     return best
@@ -142,8 +145,12 @@ def load_model(name_or_dir: str | Path):
     return create_model(name_or_dir).eval()
 
 
-def evaluate(opts: DemoOptions, data_dir: Path, model_dir: Path, eval_dir: Path) -> list[dict[str, Any]]:
-    """Run every setting (each writes ``metrics.json`` + ``report.html`` in its own folder)."""
+def evaluate(opts: DemoOptions, data_dir: Path, model_dir: Path, index_dir: Path, eval_dir: Path) -> list[dict[str, Any]]:
+    """Run every setting (each writes ``metrics.json`` + ``report.html`` in its own folder).
+
+    The trained model's settings share the gallery index of the ``index`` step (built with image
+    tokens), so the gallery is encoded once for the whole table and the search page.
+    """
     from tpas.data.datasets import load_eval
     from tpas.eval.run import run_eval
 
@@ -159,7 +166,8 @@ def evaluate(opts: DemoOptions, data_dir: Path, model_dir: Path, eval_dir: Path)
             if s.trained not in models:
                 models[s.trained] = load_model(model_dir if s.trained else "lite")
             log.info("[demo] eval %-12s (%s)", s.name, s.label)
-            metrics = run_eval(models[s.trained], evalset, rerank=s.rerank, post=s.post, out_dir=out)
+            metrics = run_eval(models[s.trained], evalset, rerank=s.rerank, post=s.post, out_dir=out,
+                               index_dir=index_dir if s.trained else None, workers=opts.workers)
         rows.append({**asdict(s), "metrics": pick_metrics(metrics), "report": f"eval/{s.name}/report.html"})
     return rows
 
@@ -233,29 +241,28 @@ head; SCA then resolves queries that claim the same top-1 image.</p>
     return path
 
 
-def build_gallery_index(data_dir: Path, model_dir: Path, index_dir: Path) -> None:
-    """Index the test gallery (``build_index`` resumes an interrupted build by itself)."""
+def build_gallery_index(data_dir: Path, model_dir: Path, index_dir: Path, workers: int = 0) -> None:
+    """Index the test gallery with image tokens (``build_index`` resumes an interrupted build)."""
     from tpas.data.datasets import load_eval
     from tpas.search.index import build_index
 
     gallery = load_eval(data_dir, "pab", "test").gallery
-    build_index(load_model(model_dir), gallery, data_dir, index_dir)
+    build_index(load_model(model_dir), gallery, data_dir, index_dir, keep_tokens=True, workers=workers)
 
 
 def pick_examples(data_dir: Path, n: int) -> list[str]:
-    """A spread of test captions (every k-th query, normal and anomaly alike) for the search page."""
+    """One caption each from ``n`` test images spread over the gallery (normal and anomalous alike)."""
     from tpas.data.datasets import load_eval
 
-    queries = load_eval(data_dir, "pab", "test", check_images=False).queries
-    if not queries:
+    by_target: dict[str, list[str]] = {}
+    for q in load_eval(data_dir, "pab", "test", check_images=False).queries:
+        by_target.setdefault(str(q.target), []).append(q.caption)
+    targets = list(by_target)
+    if not targets or n < 1:
         return []
-    step = max(1, len(queries) // max(1, n))
-    seen, picked = set(), []
-    for q in queries[::step]:
-        if q.caption not in seen:
-            seen.add(q.caption)
-            picked.append(q.caption)
-    return picked[:n]
+    step = max(1, len(targets) // n)
+    picked = [by_target[t][i % len(by_target[t])] for i, t in enumerate(targets[::step][:n])]
+    return list(dict.fromkeys(picked))
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -283,11 +290,13 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     steps.run("train", train_params, do_train)
 
+    steps.run("index", train_params, lambda: build_gallery_index(data_dir, model_dir, index_dir, opts.workers))
+
     eval_params = {**train_params, "settings": [asdict(s) for s in settings_for(opts)]}
     rows: list[dict[str, Any]] = []
 
     def do_eval() -> None:
-        rows.extend(evaluate(opts, data_dir, model_dir, eval_dir))
+        rows.extend(evaluate(opts, data_dir, model_dir, index_dir, eval_dir))
         write_json(out / "results.json", {"rows": rows})
         table = results_markdown(rows, header=f"# tpas demo: mini-PAB test ({opts.identities} identities, seed {opts.seed})\n")
         write_text(out / "results.md", table)
@@ -302,7 +311,6 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         write_report(out, rows, info)
 
     steps.run("report", eval_params, do_report)
-    steps.run("index", train_params, lambda: build_gallery_index(data_dir, model_dir, index_dir))
 
     examples = pick_examples(data_dir, opts.examples)
     write_text(out / "examples.txt", "\n".join(examples) + "\n")
