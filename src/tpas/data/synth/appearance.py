@@ -110,10 +110,11 @@ def sample_appearance(rng: np.random.Generator) -> Appearance:
 
 def rgb(table: dict, name: str, test_style: bool, rng: np.random.Generator | None = None, jitter: int = 0) -> tuple[int, int, int]:
     """The RGB shade of a named colour for the train or test style, optionally jittered per image."""
-    base = np.array(table[name][1 if test_style else 0], dtype=np.int32)
-    if rng is not None and jitter:
-        base = base + rng.integers(-jitter, jitter + 1, size=3)
-    return tuple(int(v) for v in np.clip(base, 0, 255))
+    base = table[name][1 if test_style else 0]
+    if rng is None or not jitter:
+        return base
+    d = rng.integers(-jitter, jitter + 1, size=3).tolist()
+    return tuple(min(255, max(0, c + e)) for c, e in zip(base, d))
 
 
 def shade(colour: tuple[int, int, int], factor: float) -> tuple[int, int, int]:

@@ -115,7 +115,7 @@ def _parts(look: Appearance, rng: np.random.Generator) -> dict[str, str]:
     w = lambda factor, value: _pick(rng, TERMS[factor][value])  # noqa: E731
     colour = lambda name: _pick(rng, COLOUR_WORDS[name])  # noqa: E731
     if look.hair_style == "bald":
-        hair = _pick(rng, ["a bald head", "a shaved head", "no hair"]) if rng.random() < 0.5 else "a bald head"
+        hair = _pick(rng, ["a bald head", "a shaved head", "a bald, shaved head"])
     elif look.hair_style in ("ponytail", "bun"):
         hair = f"{w('hair_colour', look.hair_colour)} hair {w('hair_style', look.hair_style)}"
     else:
@@ -154,8 +154,8 @@ def _templates(p: dict[str, str], act: str, scene: str) -> list[str]:
         f"and {p['wears']} {p['clothes']}{p['extras']}.",
         f"A {p['noun']} dressed in {p['clothes']} is {act} {scene}. {p['refer']} is {p['build']} with "
         f"{p['skin_np']} and {p['hair']}{p['extras']}.",
-        f"{p['refer']} in this picture, a {p['build']} {p['noun']} with {p['skin_np']} and {p['hair']}, "
-        f"is {act} {scene}, wearing {p['clothes']}{p['extras']}.",
+        f"In this picture a {p['build']} {p['noun']} with {p['skin_np']} and {p['hair']} is {act} {scene}, "
+        f"wearing {p['clothes']}{p['extras']}.",
     ]
 
 

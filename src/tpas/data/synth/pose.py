@@ -183,7 +183,7 @@ def walking(body, rng):
 def standing(body, rng):
     arm_n, arm_f = _relaxed_arms(rng)
     a = Angles(torso=_n(rng, 180, 2), head=_n(rng, 0, 5), arm_n=arm_n, arm_f=arm_f,
-               leg_n=(_n(rng, 5, 2), _n(rng, 3, 2)), leg_f=(_n(rng, -5, 2), _n(rng, 3, 2)))
+               leg_n=(_n(rng, 10, 2), _n(rng, 3, 2)), leg_f=(_n(rng, -10, 2), _n(rng, 3, 2)))
     return place(body, a)
 
 
@@ -195,12 +195,10 @@ def running(body, rng):
 
 
 def waving(body, rng):
-    arm_n = (_n(rng, 125, 8), _n(rng, 55, 8))
-    arm_f = (_n(rng, -6, 4), _n(rng, 12, 5))
-    if rng.random() < 0.5:  # wave with either hand
-        arm_n, arm_f = (_n(rng, 6, 4), _n(rng, 12, 5)), (_n(rng, 135, 8), _n(rng, 45, 8))
+    wave, rest = (_n(rng, 105, 6), _n(rng, 75, 8)), (_n(rng, 4, 4), _n(rng, 12, 5))
+    arm_n, arm_f = (wave, rest) if rng.random() < 0.5 else (rest, wave)  # wave with either hand
     a = Angles(torso=_n(rng, 180, 2), head=_n(rng, -5, 4), arm_n=arm_n, arm_f=arm_f,
-               leg_n=(_n(rng, 5, 2), _n(rng, 3, 2)), leg_f=(_n(rng, -5, 2), _n(rng, 3, 2)))
+               leg_n=(_n(rng, 2, 2), _n(rng, 3, 2)), leg_f=(_n(rng, -2, 2), _n(rng, 3, 2)))
     return place(body, a)
 
 

@@ -227,6 +227,15 @@ def _torso(p, j, b: Body, up, fwd, look, pal) -> None:
         p.circle(_lerp(j["neck"], j["pelvis"], 0.08), b.head_r * 0.45, pal.skin, outline=False)
 
 
+def _arc(start: float, stop: float, n: int) -> list[tuple[float, float]]:
+    """(sin, cos) of n angles from start to stop degrees (head-local: 0 = up, 90 = face)."""
+    return [(math.sin(math.radians(a)), math.cos(math.radians(a)))
+            for a in (start + (stop - start) * k / (n - 1) for k in range(n))]
+
+
+_ARC_HAIR, _ARC_CAP, _ARC_BEANIE, _ARC_SUNHAT = _arc(60, -125, 12), _arc(80, -100, 10), _arc(85, -95, 10), _arc(90, -90, 9)
+
+
 def _head(p, j, b: Body, fwd, look, pal) -> None:
     h, r = j["head"], b.head_r
     up = _unit(j["neck"], h)
@@ -241,7 +250,7 @@ def _head(p, j, b: Body, fwd, look, pal) -> None:
     style = look.hair_style
     if style != "bald":
         # a cap of hair over the top and back of the head: points on an arc from forehead to nape
-        arc = [at(1.12 * math.sin(t), 1.12 * math.cos(t)) for t in np.linspace(math.radians(60), math.radians(-125), 12)]
+        arc = [at(1.12 * sn, 1.12 * cs) for sn, cs in _ARC_HAIR]
         p.polygon(arc + [at(-0.15, 0.1)], pal.hair)
         if style == "ponytail":
             p.capsule(at(-1.0, 0.3), at(-1.6, -0.6), r * 0.32, r * 0.2, pal.hair)
@@ -256,16 +265,16 @@ def _head(p, j, b: Body, fwd, look, pal) -> None:
         p.line([at(0.3, 0.18), at(0.95, 0.18)], r * 0.1, (40, 40, 40))
         p.line([at(0.3, 0.18), at(-0.3, 0.25)], r * 0.07, (40, 40, 40))
     if look.hat == "cap":
-        dome = [at(1.15 * math.sin(t), 1.15 * math.cos(t)) for t in np.linspace(math.radians(80), math.radians(-100), 10)]
+        dome = [at(1.15 * sn, 1.15 * cs) for sn, cs in _ARC_CAP]
         p.polygon(dome, pal.hat)
         p.capsule(at(0.6, 0.55), at(1.65, 0.45), r * 0.14, r * 0.1, shade(pal.hat, 0.8))
     elif look.hat == "beanie":
-        dome = [at(1.2 * math.sin(t), 1.2 * math.cos(t) + 0.15) for t in np.linspace(math.radians(85), math.radians(-95), 10)]
+        dome = [at(1.2 * sn, 1.2 * cs + 0.15) for sn, cs in _ARC_BEANIE]
         p.polygon(dome, pal.hat)
         p.capsule(at(-1.05, 0.25), at(1.05, 0.25), r * 0.2, r * 0.2, shade(pal.hat, 0.8))
     elif look.hat == "sun hat":
         p.capsule(at(-1.9, 0.45), at(1.9, 0.45), r * 0.14, r * 0.14, pal.hat)
-        dome = [at(0.95 * math.sin(t), 0.95 * math.cos(t) + 0.45) for t in np.linspace(math.radians(90), math.radians(-90), 9)]
+        dome = [at(0.95 * sn, 0.95 * cs + 0.45) for sn, cs in _ARC_SUNHAT]
         p.polygon(dome, pal.hat)
 
 
@@ -411,7 +420,8 @@ def render_mask(fig: Figure, look: Appearance, size: tuple[int, int], height_fra
     img = Image.new("L", (w * 2, h * 2), 0)
     x0, y0, x1, y1 = fig.bounds()
     scale = min(height_frac * h * 2, 0.95 * w * 2 / max(x1 - x0, 1e-6), 0.95 * h * 2 / max(y1 - y0, 1e-6))
-    p = Painter(img, scale, (w - (x0 + x1) / 2 * scale, h * 2 * 0.95), mask=True)
+    cx = sum(x for x, _ in fig.joints.values()) / len(fig.joints)  # steadier anchor than the bounds' centre
+    p = Painter(img, scale, (w - cx * scale, h * 2 * 0.95), mask=True)
     pal = Palette(look, False, np.random.default_rng(0))
     draw_figure(p, fig, look, pal, np.random.default_rng(0))
     return np.asarray(img.reduce(2)) > 127
@@ -478,11 +488,9 @@ def _photometric(img: Image.Image, style: Style, rng: np.random.Generator) -> Im
     if style.blur[1] > 0:
         img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(*style.blur))))
     gain = rng.uniform(*style.gain) + rng.integers(-style.tint, style.tint + 1, size=3) / 255.0
-    levels = np.arange(256, dtype=np.float32)
-    lut = np.clip(levels[None, :] * gain[:, None].astype(np.float32) + 0.5, 0, 255).astype(np.uint8)
-    img = img.point(lut.ravel().tolist())  # per-channel lookup table: cheap whole-image lighting
+    fixed = np.round(gain * 256).astype(np.uint32)  # integer maths: exact and the same on every machine
+    arr = (np.asarray(img).astype(np.uint32) * fixed + 128) >> 8
     if style.noise[1] > 0:
-        arr = np.asarray(img, dtype=np.float32)
-        arr += rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(rng.uniform(*style.noise))
-        img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
-    return img
+        noise = rng.standard_normal(arr.shape, dtype=np.float32) * np.float32(rng.uniform(*style.noise))
+        arr = arr.astype(np.int32) + np.round(noise).astype(np.int32)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))

@@ -36,7 +36,8 @@ SPLIT_CODES = {"train": 0, "test": 1, "ood": 2, "challenge": 3}
 PAIRS_PER_FILE = 200  # identities per pair_k.json (PAB spreads ~1M pairs over 75 files)
 MAX_FILES = 75
 MANIFEST = "minipab.json"
-OWNED = ("annotation", "train", "test", "ucc", "challenge", "preview.png", MANIFEST)
+PARTIAL = ".minipab-partial"  # present while a run is under way; lets a re-run clean up after a crash
+OWNED = ("annotation", "train", "test", "ucc", "challenge", "preview.png", MANIFEST, PARTIAL)
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _attrs(item: dict) -> dict:
 def _prepare(out: Path) -> None:
     """Refuse to mix with foreign files; clear what an earlier mini-PAB run left behind."""
     if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
+        if not ((out / MANIFEST).is_file() or (out / PARTIAL).is_file()):
             raise TpasError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new or empty folder")
         for name in OWNED:
             target = out / name
@@ -165,6 +166,7 @@ def _prepare(out: Path) -> None:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / PARTIAL).write_text("mini-PAB generation in progress\n")
 
 
 def _split_counts(identities: int, test_fraction: float) -> tuple[int, int]:
@@ -295,6 +297,7 @@ def generate(out: str | os.PathLike, identities: int, seed: int = 0, size: tuple
         "layout": {"goal": "normal image of an identity", "full": "anomalous image of the same identity",
                    "source_id": "<identity>_<0 normal | 2 anomalous>"},
     })
+    (out / PARTIAL).unlink()
     log.info("wrote %d images (%d train, %d test, %d ucc identities) to %s in %.1fs (%.0f images/s)",
              images, n_train, n_test, n_ood, out, seconds, summary.images_per_second)
     return summary
