@@ -61,6 +61,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     holds something other than a JSON object.
     """
     path = Path(path)
+    loads = json.loads
     try:
         fh = open(path, "rb")
     except FileNotFoundError:
@@ -69,16 +70,17 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
         for line_no, raw in enumerate(fh, 1):
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # tolerate a UTF-8 byte-order mark
-            if not raw.strip():
+            if raw.isspace() or not raw:
                 continue
-            where = Where(path, line_no)
-            text = _decode(raw, where)
             try:
-                obj = json.loads(text)
+                obj = loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                _decode(raw, Where(path, line_no))  # raises with the offending byte
+                raise
             except json.JSONDecodeError as exc:
-                raise where.error(f"malformed JSON at column {exc.colno}: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise where.error(f"expected a JSON object per line, got {type(obj).__name__}")
+                raise Where(path, line_no).error(f"malformed JSON at column {exc.colno}: {exc.msg}") from None
+            if type(obj) is not dict:
+                raise Where(path, line_no).error(f"expected a JSON object per line, got {type(obj).__name__}")
             yield line_no, obj
 
 

@@ -98,39 +98,76 @@ def train_files(root: str | os.PathLike, files: str = "auto") -> list[Path]:
     raise DataError(f"no training files named {wanted}", folder)
 
 
+_TRAIN_FIELDS = ("image", "caption", "image_id", "normal", "anomaly", "scene", "hard_i", "hard_c", "hard_i_id",
+                 "source_id", "source_caption")
+_STR_OR_NONE = {str, type(None)}
+
+
+def _train_fields(obj: dict, path: Path, line_no: int) -> tuple:
+    """The validated field values of one training line, in ``_TRAIN_FIELDS`` order.
+
+    The common case (every field a well-formed string) is checked with a few C-level operations;
+    anything else goes through the per-field getters, which convert integer ids and raise a
+    DataError naming the line and field.
+    """
+    values = list(map(obj.get, _TRAIN_FIELDS))
+    image, caption, image_id, normal, anomaly, _, _, _, hard_id, source_id, _ = values
+    if (
+        set(map(type, values)) <= _STR_OR_NONE
+        and image is not None
+        and caption is not None and not caption.isspace() and caption
+        and image_id is not None and image_id.strip()
+        and (normal is None or anomaly is None)
+        and (hard_id is None or hard_id.strip())
+        and (source_id is None or source_id.strip())
+    ):
+        return tuple(values)
+    where = Where(path, line_no)
+    behaviour, action = _behaviour(obj, where)
+    return (
+        get_str(obj, "image", where),
+        get_caption(obj, "caption", where),
+        get_id(obj, "image_id", where),
+        action if behaviour is Behaviour.NORMAL else None,
+        action if behaviour is Behaviour.ANOMALY else None,
+        optional_str(obj, "scene", where),
+        optional_str(obj, "hard_i", where),
+        optional_str(obj, "hard_c", where),
+        optional_id(obj, "hard_i_id", where),
+        optional_id(obj, "source_id", where),
+        optional_str(obj, "source_caption", where),
+    )
+
+
 def _read_train_file(path: Path, missing: MissingImages | None) -> Iterable[ImageText]:
     # Per-file string sharing: a line's hard caption/image/id is usually its partner's caption/
     # image/id in the same file and the source caption is shared by both, so one copy is kept.
     shared: dict[str, str] = {}
-
-    def share(value: str | None) -> str | None:
-        return None if value is None else shared.setdefault(value, value)
-
+    share = shared.setdefault
+    normal_, anomaly_, unknown_ = Behaviour.NORMAL, Behaviour.ANOMALY, Behaviour.UNKNOWN
     for line_no, obj in iter_jsonl(path):
-        where = Where(path, line_no)
-        image = share(get_str(obj, "image", where))
-        image_id = share(get_id(obj, "image_id", where))
-        caption = share(get_caption(obj, "caption", where))
-        behaviour, action = _behaviour(obj, where)
-        hard_i = optional_str(obj, "hard_i", where)
-        hard_image = share("train/" + hard_i) if hard_i is not None else None
-        if missing is not None and not (
-            missing.ok(image, where) and (hard_image is None or missing.ok(hard_image, where))
-        ):
-            continue
+        (image, caption, image_id, normal, anomaly, scene, hard_i, hard_c, hard_id, source_id,
+         source_caption) = _train_fields(obj, path, line_no)
+        hard_image = None if hard_i is None else share("train/" + hard_i, "train/" + hard_i)
+        if missing is not None:
+            where = Where(path, line_no)
+            if not (missing.ok(image, where) and (hard_image is None or missing.ok(hard_image, where))):
+                continue
+        action = normal if normal is not None else anomaly
+        image_id = share(image_id, image_id)
         yield ImageText(
-            image=image,
-            caption=caption,
-            image_id=image_id,
-            person_id=image_id,
-            behaviour=behaviour,
-            action=share(action),
-            scene=share(optional_str(obj, "scene", where)),
-            hard_image=hard_image,
-            hard_caption=share(optional_str(obj, "hard_c", where)),
-            hard_image_id=share(optional_id(obj, "hard_i_id", where)),
-            source_id=share(optional_id(obj, "source_id", where)),
-            source_caption=share(optional_str(obj, "source_caption", where)),
+            share(image, image),
+            share(caption, caption),
+            image_id,
+            image_id,
+            normal_ if normal is not None else anomaly_ if anomaly is not None else unknown_,
+            None if action is None else share(action, action),
+            None if scene is None else share(scene, scene),
+            hard_image,
+            None if hard_c is None else share(hard_c, hard_c),
+            None if hard_id is None else share(hard_id, hard_id),
+            source_id,
+            None if source_caption is None else share(source_caption, source_caption),
         )
 
 
