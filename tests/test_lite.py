@@ -153,7 +153,7 @@ def test_gradients_flow_through_all_heads():
     loss = sim.logsumexp(1).mean() + model.itm_logits(img.tokens, txt.tokens, txt.mask).sum()
     loss.backward()
     for name, p in model.named_parameters():
-        if name.startswith(("text_encoder.embeddings.token_type", "text_encoder.embeddings.position")):
+        if name.startswith(("text_encoder.embeddings.token_type", "text_encoder.embeddings.position", "mlm_head")):
             continue
         if p.requires_grad and "word_embeddings" not in name:
             assert p.grad is not None, name
@@ -164,3 +164,18 @@ def test_bad_options_are_named():
         create_model("lite-tiny", no_such_option=1)
     with pytest.raises(ValueError, match="image_tower"):
         create_model("lite-tiny", image_tower="resnet")
+
+
+def test_mlm_logits_predict_over_the_vocab_and_train():
+    model = create_model("lite-tiny").train()
+    h, w = model.image_size
+    ids, mask = model.tokenize(TEXTS)
+    masked = ids.clone()
+    masked[:, 1] = model.tokenizer.mask_id
+    img = model.encode_image(torch.randn(3, 3, h, w))
+    logits = model.mlm_logits(img.tokens, masked, mask)
+    assert logits.shape == (*ids.shape, model.config.vocab_size)
+    loss = torch.nn.functional.cross_entropy(logits[:, 1], ids[:, 1])
+    loss.backward()
+    assert model.mlm_head.bias.grad is not None and model.fusion.layers[0].cross_attn.key.weight.grad is not None
+    assert create_model("lite-tiny", mlm_head=False).mlm_head is None

@@ -151,3 +151,20 @@ def train_top_blocks(tower: nn.Module, blocks: list[nn.Module] | nn.ModuleList, 
     if top > 0:
         for block in list(blocks)[-top:]:
             block.requires_grad_(True)
+
+
+class MLMHead(nn.Module):
+    """BERT-style LM head: Linear -> GELU -> LayerNorm, then logits against the word embeddings.
+
+    The decoder reuses the embedding matrix by value at call time (``F.linear``) instead of sharing
+    a Parameter, so ``save_pretrained``'s safetensors file never holds aliased tensors.
+    """
+
+    def __init__(self, width: int, vocab_size: int, eps: float = 1e-12):
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=eps))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        init_weights(self)
+
+    def forward(self, states: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.transform(states), word_embeddings, self.bias)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tpas.models.base import ImageEncoding, ModelConfig, RetrievalModel, TextEncoding
-from tpas.models.layers import FusionStack, ITMHead, ProjectionHead, masked_mean, train_top_blocks
+from tpas.models.layers import FusionStack, ITMHead, MLMHead, ProjectionHead, masked_mean, train_top_blocks
 from tpas.models.registry import register_config, register_family
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class LiteConfig(ModelConfig):
     fusion_heads: int = 12
     fusion_mlp_ratio: float = 4.0
     dropout: float = 0.1
+    mlm_head: bool = True  # image-conditioned masked-token prediction through the fusion stack
     # what trains (-1 = all, 0 = frozen, k = top k layers / blocks); training may change it
     train_text_layers: int = -1
     train_image_blocks: int = -1
@@ -129,6 +130,7 @@ class LiteModel(RetrievalModel):
         self.fusion = FusionStack(config.fusion_layers, config.text_hidden, image_width, config.fusion_heads,
                                   mlp_ratio=config.fusion_mlp_ratio, dropout=config.dropout)
         self.itm_head = ITMHead(config.text_hidden)
+        self.mlm_head = MLMHead(config.text_hidden, config.vocab_size) if config.mlm_head else None
         if config.pretrained if pretrained is None else pretrained:
             self.load_package_weights()
         self.set_trainable(config.train_text_layers, config.train_image_blocks)
@@ -182,6 +184,15 @@ class LiteModel(RetrievalModel):
                    text_mask: torch.Tensor) -> torch.Tensor:
         fused = self.fusion(text_tokens, text_mask, image_tokens)
         return self.itm_head(fused[:, 0])
+
+    def mlm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B,L,vocab] logits for (masked) ``input_ids`` given the image, through the fusion stack."""
+        if self.mlm_head is None:
+            raise NotImplementedError("this lite model was built with mlm_head=False")
+        states = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        fused = self.fusion(states, attention_mask, image_tokens)
+        return self.mlm_head(fused, self.text_encoder.embeddings.word_embeddings.weight)
 
 
 register_config(
