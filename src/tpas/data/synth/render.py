@@ -471,6 +471,7 @@ def render_shot(look: Appearance, action: str, scene: str, size: tuple[int, int]
     horizon = min(H * bg.uniform(0.3, 0.5), gy - 0.12 * H)
     stage = draw_scene(scene, W, H, max(horizon, 0.05 * H), s, gy, bg)
     p = Painter(stage.image, s, (cx - (x0 + x1) / 2 * s, gy))
+    _shadow(stage.image, p, fig)
     pal = Palette(look, style.test_colours, rng)
     others = [sample_appearance(rng) for _ in fig.others]
     draw_figure(p, fig, look, pal, rng, [(o, Palette(o, style.test_colours, rng)) for o in others])
@@ -481,6 +482,17 @@ def render_shot(look: Appearance, action: str, scene: str, size: tuple[int, int]
     img = _photometric(img, style, rng)
     quality = int(rng.integers(style.quality[0], style.quality[1] + 1))
     return img, quality, {"mirrored": fig.mirrored, "occluded": occluded, "scale": round(s / H, 3)}
+
+
+def _shadow(image: Image.Image, p: Painter, fig: Figure) -> None:
+    """A soft contact shadow on the ground, fainter when the person is in the air."""
+    pts = list(fig.joints.values()) + [q for o in fig.others for q in o.joints.values()]
+    xs = [x for x, _ in pts]
+    height = min(y for _, y in pts)
+    alpha = int(90 * max(0.25, 1.0 - 1.5 * height))
+    x, y = p.px(((min(xs) + max(xs)) / 2, 0.0))
+    half = ((max(xs) - min(xs)) / 2 + 0.08) * p.s
+    ImageDraw.Draw(image, "RGBA").ellipse((x - half, y - 0.03 * p.s, x + half, y + 0.03 * p.s), fill=(0, 0, 0, alpha))
 
 
 def _photometric(img: Image.Image, style: Style, rng: np.random.Generator) -> Image.Image:
