@@ -1,0 +1,128 @@
+"""Ablation of the retrieval pipeline on mini-PAB: ITC, + ITM re-rank, + SCA / one-to-one / dual-softmax.
+
+For each split (default: test; mini-PAB's challenge set holds the same people, shuffled) the gallery
+is indexed once, ITC and re-ranked scores are computed once, and every post-processing runs on
+the re-ranked scores. Rows: R@1/5/10, mAP, mINP overall and per behaviour (normal / anomaly).
+
+SCA and its relatives assume that one gallery image answers at most one query; the script
+reports how many queries share a target in each split, since mini-PAB's splits have several
+captions per image (the assumption then fails and these methods may hurt).
+
+    .venv/bin/python benchmarks/ablation.py --model RUN/best --data MINIPAB
+    .venv/bin/python benchmarks/ablation.py --model lite --data MINIPAB --rerank 32 --splits challenge
+
+Prints markdown tables and saves ``benchmarks/results/ablation.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+
+from tpas.commands.evaluate import resolve_root  # noqa: E402
+from tpas.data.datasets import load_eval  # noqa: E402
+from tpas.eval.metrics import evaluate  # noqa: E402
+from tpas.eval.run import gallery_index, score_queries  # noqa: E402
+from tpas.models import create_model  # noqa: E402
+from tpas.search.postprocess import postprocess  # noqa: E402
+from tpas.utils.io import write_json, write_text  # noqa: E402
+
+METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
+
+
+def rows_for(args) -> list[tuple[str, bool, str, dict]]:
+    """(label, use re-rank, post method, options)."""
+    return [
+        ("ITC only", False, "none", {}),
+        (f"+ ITM re-rank (top {args.rerank})", True, "none", {}),
+        ("+ ITM + SCA", True, "sca", {"threshold": args.sca_threshold}),
+        (f"+ ITM + one-to-one (k={args.o2o_k})", True, "one_to_one", {"k": args.o2o_k}),
+        (f"+ ITM + dual-softmax (T={args.temperature})", True, "dual_softmax", {"temperature": args.temperature}),
+    ]
+
+
+def run_split(model, args, split: str, work: Path) -> dict:
+    evalset = load_eval(resolve_root(args.data, split), "pab", split)
+    if not evalset.has_ground_truth:
+        raise SystemExit(f"{split}: no ground truth (attach challenge/answer_key.json)")
+    per_target = Counter(evalset.query_targets())
+    groups = evalset.query_groups()
+    t0 = time.perf_counter()
+    index = gallery_index(model, evalset, work / split / "index", keep_tokens=True, batch_size=args.batch_size)
+    itc, text_embeds = score_queries(model, evalset, index, rerank=0)
+    reranked, _ = score_queries(model, evalset, index, rerank=args.rerank)
+    scoring_s = time.perf_counter() - t0
+    results = []
+    for label, use_rerank, post, options in rows_for(args):
+        scores = reranked if use_rerank else itc
+        t0 = time.perf_counter()
+        scores = postprocess(scores, post, text_embeds, **options)
+        m = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(), query_groups=groups)
+        results.append({"setting": label, "rerank": args.rerank if use_rerank else 0, "post": post, "options": options,
+                        **{k: m[k] for k in METRICS}, "num_queries": m["num_queries"],
+                        "groups": {g: {k: v[k] for k in (*METRICS, "num_queries")} for g, v in m.get("groups", {}).items()},
+                        "post_seconds": round(time.perf_counter() - t0, 3)})
+    return {"split": split, "eval_set": evalset.name, "queries": len(evalset.queries), "gallery": len(evalset.gallery),
+            "max_queries_per_image": max(per_target.values()),
+            "images_with_several_queries": sum(1 for c in per_target.values() if c > 1),
+            "scoring_seconds": round(scoring_s, 1), "rows": results}
+
+
+def markdown(split: dict) -> str:
+    lines = [f"### {split['split']} ({split['eval_set']}): {split['queries']} queries, {split['gallery']} images",
+             "",
+             f"{split['images_with_several_queries']} images are the target of more than one query "
+             f"(up to {split['max_queries_per_image']}); SCA / one-to-one / dual-softmax assume one.", "",
+             "| setting | R@1 | R@5 | R@10 | mAP | mINP | normal R@1 | normal mAP | anomaly R@1 | anomaly mAP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in split["rows"]:
+        g = r["groups"]
+        cells = [f"{r[k]:.2f}" for k in METRICS]
+        for name in ("normal", "anomaly"):
+            cells += [f"{g[name]['R@1']:.2f}", f"{g[name]['mAP']:.2f}"] if name in g else ["–", "–"]
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="trained model directory (RUN/best) or a named model")
+    ap.add_argument("--data", required=True, help="mini-PAB root")
+    ap.add_argument("--splits", nargs="+", default=["test"], help="test, ucc, challenge (needs its answer key)")
+    ap.add_argument("--rerank", type=int, default=128)
+    ap.add_argument("--sca-threshold", type=float, default=0.0, help="text cosine threshold (0 = all queries)")
+    ap.add_argument("--o2o-k", type=int, default=10)
+    ap.add_argument("--temperature", type=float, default=0.05)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--note", default="", help="a line printed above the tables (e.g. which model this is)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ablation"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = create_model(args.model).eval()
+    with tempfile.TemporaryDirectory(prefix="tpas-ablation-") as tmp:
+        splits = [run_split(model, args, split, Path(tmp)) for split in args.splits]
+    header = (f"## Retrieval ablation\n\nmodel `{args.model}`, data `{args.data}`, ITM = logit, fusion weight 0.002 "
+              f"(per-query min-max), SCA threshold {args.sca_threshold}.\n")
+    if args.note:
+        header += f"\n{args.note}\n"
+    text = header + "\n" + "\n".join(markdown(s) for s in splits)
+    print(text)
+    dest = Path(args.out)
+    write_json(dest.with_suffix(".json"), {"model": args.model, "data": str(args.data), "note": args.note,
+                                           "splits": splits})
+    write_text(dest.with_suffix(".md"), text)
+    print(f"saved {dest.with_suffix('.json')} and {dest.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

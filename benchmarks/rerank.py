@@ -1,0 +1,140 @@
+"""ITM re-ranking throughput: batched across queries and candidates vs one query at a time.
+
+Both paths score exactly the same (query, candidate) pairs with ``tpas.search.rerank.itm_scores``:
+
+* batched: every pair of every query in one flat list, ``--batch`` pairs per fusion forward,
+  image tokens gathered (each distinct image once per batch) from a memory-mapped fp16 file;
+* per-query loop: one forward per query over its ``--k`` candidates (the upstream evaluation loop);
+* per-pair loop (on the first ``--pair-sample`` pairs only): one forward per pair.
+
+Image tokens are random fp16 at the model's real token shape (ITM cost does not depend on the
+pixels), captions are PAB-like. Candidates overlap between queries like a real ITC top-k does
+(drawn from a pool of ``--pool`` images). Reports pairs/s, the speed-up ratio and the largest
+score difference between the paths (must be ~0). Prints a table and saves
+``benchmarks/results/rerank.{json,md}``.
+
+    .venv/bin/python benchmarks/rerank.py                     # lite, 16 queries x k=32, 2 threads
+    .venv/bin/python benchmarks/rerank.py --model lite-tiny --queries 64 --k 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tpas.models import create_model  # noqa: E402
+from tpas.search.encode import encode_texts, inference  # noqa: E402
+from tpas.search.rerank import itm_scores  # noqa: E402
+from tpas.utils.io import write_json, write_text  # noqa: E402
+
+WORDS = ("a young man with short black hair wearing a dark blue jacket grey trousers and white sneakers is "
+         "walking along the pavement then suddenly falls to the ground near a parked car while a woman in a "
+         "red coat carrying a bag looks on").split()
+
+
+def captions(n: int, rng: np.random.Generator) -> list[str]:
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(20, 40)))) for _ in range(n)]
+
+
+def best_time(fn, repeats: int) -> tuple[float, np.ndarray]:
+    out, best = None, float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="lite")
+    ap.add_argument("--queries", type=int, default=16)
+    ap.add_argument("--k", type=int, default=32, help="candidates per query")
+    ap.add_argument("--pool", type=int, default=256, help="distinct gallery images the candidates come from")
+    ap.add_argument("--batch", type=int, default=512, help="pairs per forward in the batched path")
+    ap.add_argument("--pair-sample", type=int, default=64, help="pairs timed in the per-pair loop")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "rerank"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+
+    model = create_model(args.model).to(args.device).eval()
+    enc = encode_texts(model, captions(args.queries, rng), keep_tokens=True, progress=False)
+    with inference(model):
+        shape = model.encode_image(torch.zeros(1, 3, *model.image_size, device=args.device)).tokens.shape[1:]
+    tmp = tempfile.TemporaryDirectory()
+    tokens = np.lib.format.open_memmap(Path(tmp.name) / "tokens.npy", mode="w+", dtype=np.float16,
+                                       shape=(args.pool, *shape))
+    tokens[:] = rng.standard_normal((args.pool, *shape)).astype(np.float16)
+    tokens.flush()
+    tokens = np.load(Path(tmp.name) / "tokens.npy", mmap_mode="r")
+    cands = np.stack([rng.choice(args.pool, args.k, replace=False) for _ in range(args.queries)])
+    q_rows = np.repeat(np.arange(args.queries), args.k)
+    g_rows = cands.ravel()
+    pairs = len(q_rows)
+
+    def batched():
+        return itm_scores(model, enc.tokens, enc.mask, tokens, q_rows, g_rows, batch_size=args.batch)
+
+    def per_query():
+        return np.concatenate([
+            itm_scores(model, enc.tokens[q:q + 1], enc.mask[q:q + 1], tokens, np.zeros(args.k, np.int64),
+                       cands[q], batch_size=args.k) for q in range(args.queries)])
+
+    n_pair = min(args.pair_sample, pairs)
+
+    def per_pair():
+        return np.array([itm_scores(model, enc.tokens, enc.mask, tokens, q_rows[i:i + 1], g_rows[i:i + 1],
+                                    batch_size=1)[0] for i in range(n_pair)])
+
+    batched()  # warm-up
+    t_b, s_b = best_time(batched, args.repeats)
+    t_q, s_q = best_time(per_query, args.repeats)
+    t_p, s_p = best_time(per_pair, 1)
+    rows = [
+        {"path": "batched (queries x candidates)", "pairs": pairs, "seconds": t_b, "pairs_per_s": pairs / t_b},
+        {"path": "one query at a time", "pairs": pairs, "seconds": t_q, "pairs_per_s": pairs / t_q},
+        {"path": "one pair at a time", "pairs": n_pair, "seconds": t_p, "pairs_per_s": n_pair / t_p},
+    ]
+    result = {
+        "model": args.model, "device": args.device, "threads": args.threads, "queries": args.queries, "k": args.k,
+        "batch": args.batch, "token_shape": list(shape), "text_len": int(enc.mask.shape[1]),
+        "rows": rows,
+        "speedup_vs_per_query": rows[0]["pairs_per_s"] / rows[1]["pairs_per_s"],
+        "speedup_vs_per_pair": rows[0]["pairs_per_s"] / rows[2]["pairs_per_s"],
+        "max_abs_diff_vs_per_query": float(np.abs(s_b - s_q).max()),
+        "max_abs_diff_vs_per_pair": float(np.abs(s_b[:n_pair] - s_p).max()),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+    }
+    lines = [f"ITM re-rank, model {args.model} on {args.device} ({args.threads} threads), {args.queries} queries x "
+             f"k={args.k}, image tokens {tuple(shape)} fp16 memmap, batch {args.batch} pairs", "",
+             "| path | pairs | seconds | pairs/s |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['path']} | {r['pairs']} | {r['seconds']:.3f} | {r['pairs_per_s']:.1f} |" for r in rows]
+    lines += ["", f"batched / per-query: **{result['speedup_vs_per_query']:.2f}x**; batched / per-pair: "
+              f"**{result['speedup_vs_per_pair']:.2f}x**; max |score difference|: "
+              f"{max(result['max_abs_diff_vs_per_query'], result['max_abs_diff_vs_per_pair']):.2e}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), result)
+    write_text(out.with_suffix(".md"), text)
+    print(f"saved {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
