@@ -29,6 +29,16 @@ def _digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _small_files():
+    """Four identities per pair_k.json, so the 14-identity sets spread over several files."""
+    from tpas.data.synth import writer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(writer, "PAIRS_PER_FILE", 4)
+        yield
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("minipab") / "set"
@@ -66,7 +76,7 @@ def test_rerun_replaces_an_earlier_set_and_refuses_foreign_folders(tmp_path):
 
 def test_train_fields_follow_pab(dataset):
     files = sorted((dataset / "annotation" / "train").glob("pair_*.json"))
-    assert files
+    assert len(files) == 3  # 11 train identities, 4 a file
     by_id: dict[str, dict] = {}
     for path in files:
         k = int(path.stem.split("_")[1])

@@ -131,7 +131,7 @@ def _parts(look: Appearance, rng: np.random.Generator) -> dict[str, str]:
         extras.append(_pick(rng, [f"carrying {bag}", f"with {bag}"]))
     if look.glasses != "none":
         g = w("glasses", look.glasses)
-        extras.append(_pick(rng, [f"wearing {g}", f"with {g}"]))
+        extras.append(_pick(rng, [f"also wearing {g}", f"with {g}"]))
     skin = w("skin", look.skin)
     return {
         "build": w("build", look.build), "skin": _pick(rng, [f"{skin}-skinned", f"{skin}-complexioned"]),
