@@ -26,6 +26,11 @@ def tiny():
     return create_model("lite-tiny").eval()
 
 
+@pytest.fixture(scope="module")
+def lite():
+    return create_model("lite").eval()
+
+
 def test_tiny_interface_shapes(tiny):
     h, w = tiny.image_size
     assert (h, w) == (64, 32)
@@ -86,9 +91,8 @@ def test_round_trip_bit_exact(name, tmp_path):
     assert torch.equal(before[2], after[2])
 
 
-def test_from_dir_does_not_read_package_weights(tmp_path, monkeypatch):
-    model = create_model("lite")
-    model.save_pretrained(tmp_path / "m")
+def test_from_dir_does_not_read_package_weights(lite, tmp_path, monkeypatch):
+    lite.save_pretrained(tmp_path / "m")
 
     def boom(self):
         raise AssertionError("package weights must not be read when loading a saved model")
@@ -98,10 +102,10 @@ def test_from_dir_does_not_read_package_weights(tmp_path, monkeypatch):
     assert loaded.config.pretrained is True  # the flag is kept; from_pretrained passes pretrained=False
 
 
-def test_lite_loads_package_weights():
+def test_lite_loads_package_weights(lite):
     from safetensors.torch import load_file
 
-    model = create_model("lite")
+    model = lite
     mobilenet = torch.load(mobilenet_weights_path(), map_location="cpu", weights_only=True)
     got = model.image_encoder.state_dict()
     for key, value in mobilenet.items():
@@ -115,9 +119,9 @@ def test_lite_loads_package_weights():
     assert model.image_size == (192, 96) and model.config.image_mean == (0.485, 0.456, 0.406)
 
 
-def test_lite_text_tower_is_a_working_sentence_encoder():
+def test_lite_text_tower_is_a_working_sentence_encoder(lite):
     """Pretrained MiniLM: a paraphrase is closer than an unrelated sentence (mean-pooled states)."""
-    model = create_model("lite").eval()
+    model = lite
     ids, mask = model.tokenize(["a man wearing a red jacket", "a guy in a red coat", "the stock market fell today"])
     with torch.no_grad():
         states = model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
