@@ -4,7 +4,9 @@
 when the browser or Playwright is missing: a page nobody has seen render is not tested.
 
 The screenshot goes to ``tmp_path``; set ``TPAS_SCREENSHOT=docs/screenshot.png`` to write it
-somewhere kept (that is how the README picture is made).
+somewhere kept. The README picture is made over the demo's index instead of the tiny one::
+
+    TPAS_BROWSER_RUN=runs/demo TPAS_SCREENSHOT=docs/screenshot.png pytest tests/test_browser.py
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def test_page_renders_results_in_chromium(tiny_search_engine, tmp_path):
     from tpas.serve.app import create_app
     from tpas.serve.run import start_in_thread
 
-    engine, example = tiny_search_engine
-    server = start_in_thread(create_app(engine, examples=[example, "a person is walking"]))
+    engine, examples = tiny_search_engine
+    example = examples[0]
+    server = start_in_thread(create_app(engine, examples=examples))
     shot = tmp_path / "screenshot.png"
     errors: list[str] = []
     try:
@@ -54,7 +57,7 @@ def test_page_renders_results_in_chromium(tiny_search_engine, tmp_path):
                 page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
                 page.goto(server.url, wait_until="networkidle")
                 assert page.title().startswith("tpas")
-                assert page.locator("#examples .ex").count() == 2
+                assert page.locator("#examples .ex").count() == len(examples)
 
                 page.fill("#query", example)
                 page.uncheck("#rerank")
@@ -99,7 +102,15 @@ def engine_size(engine) -> int:
 
 @pytest.fixture(scope="module")
 def tiny_search_engine(tmp_path_factory):
-    """A real SearchEngine over a tiny lite-tiny index (built by the helper in test_serve)."""
+    """A real SearchEngine over a tiny lite-tiny index (built by the helper in test_serve), or over a
+    demo run folder (``index/``, ``model/``, ``examples.txt``) named by ``TPAS_BROWSER_RUN``."""
+    run = os.environ.get("TPAS_BROWSER_RUN")
+    if run:
+        from tpas.serve.run import load_engine, read_examples
+
+        examples = read_examples(Path(run) / "examples.txt") or ["a person is walking"]
+        return load_engine(Path(run) / "index", Path(run) / "model"), examples[:6]
     from test_serve import build_tiny_engine
 
-    return build_tiny_engine(tmp_path_factory.mktemp("browser_index")), "a woman in a blue coat is running"
+    engine = build_tiny_engine(tmp_path_factory.mktemp("browser_index"))
+    return engine, ["a woman in a blue coat is running", "a man in a red jacket falls down"]

@@ -67,7 +67,8 @@ async function search(query) {
     if (!res.ok) { setStatus("Error: " + (body.error || res.statusText), true); return; }
     grid.replaceChildren(...body.results.map(card));
     const total = performance.now() - started;
-    setStatus(body.results.length + " results for “" + body.query + "” · server " + body.latency_ms.toFixed(1) +
+    const shown = body.query.length > 90 ? body.query.slice(0, 87) + "…" : body.query;
+    setStatus(body.results.length + " results for “" + shown + "” · server " + body.latency_ms.toFixed(1) +
       " ms · round trip " + total.toFixed(0) + " ms" + (body.rerank ? " · ITM re-ranked top " + body.rerank : " · ITC only"));
     document.body.dataset.state = "done";
   } catch (err) {
