@@ -107,11 +107,13 @@ def test_array_kinds_callable_iterable_memmap_torch(tmp_path):
 def test_positive_ranks_equals_stable_argsort():
     rng = np.random.default_rng(3)
     for _ in range(50):
-        row = rng.integers(0, 3, size=25).astype(np.float32)
-        pos = np.sort(rng.choice(25, size=rng.integers(1, 6), replace=False))
+        row = rng.integers(0, 3, size=int(rng.integers(2, 400))).astype(np.float32)
+        pos = np.sort(rng.choice(row.size, size=min(row.size, int(rng.integers(1, 40))), replace=False))
         order = np.argsort(-row, kind="stable")
         want = np.flatnonzero(np.isin(order, pos)) + 1
-        np.testing.assert_array_equal(positive_ranks(row, pos), want)
+        for method in ("auto", "count", "sort"):
+            np.testing.assert_array_equal(positive_ranks(row, pos, method), want)
+        np.testing.assert_array_equal(positive_ranks(row.astype(np.uint8), pos, "sort"), want)
 
 
 def test_ties_break_by_gallery_order():

@@ -241,3 +241,11 @@ def test_blank_lines_and_bom_are_fine(tmp_path):
     (tmp_path / "l.json").write_bytes(b'[{"a": 1}, 3]')
     with pytest.raises(DataError, match="entry 1: expected a JSON object"):
         read_json_list(tmp_path / "l.json")
+
+
+def test_tbps_non_utf8_and_missing_file(tmp_path):
+    (tmp_path / "data_captions.json").write_bytes(b'[\n{"split": "train", "captions": ["caf\xe9"]}]')
+    with pytest.raises(DataError, match=r"data_captions\.json:2: not valid UTF-8"):
+        load_train(tmp_path, "rstp")
+    with pytest.raises(DataError, match=r"no reid_raw\.json \(is this a cuhk dataset root\?\)"):
+        load_train(tmp_path, "cuhk")

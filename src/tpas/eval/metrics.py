@@ -12,7 +12,8 @@ and each figure is the mean over queries, in percent.
 Nothing here sorts a whole gallery unless it has to: a positive's rank is the number of gallery
 items scoring strictly higher plus the number of equal scores earlier in gallery order, plus one.
 A query with one positive costs two vectorised comparisons over its row; a query with several
-positives sorts only the items scoring at least as high as its worst positive. Rows arrive in
+positives either counts the same way per positive or sorts only the items scoring at least as high
+as its worst positive, whichever is cheaper. Rows arrive in
 chunks (from an array, a memory-mapped ``.npy``, a torch tensor, a callable or an iterable of row
 blocks), so a 100k x 1M evaluation runs in bounded memory.
 """
@@ -76,31 +77,44 @@ def _chunks(scores: ScoreSource, n: int, g: int, chunk_size: int) -> Iterator[tu
         raise ValueError(f"scores have {start} rows, expected {n} (one per query)")
 
 
-def positive_ranks(row: np.ndarray, positives: np.ndarray) -> np.ndarray:
+def positive_ranks(row: np.ndarray, positives: np.ndarray, method: str = "auto") -> np.ndarray:
     """1-based ranks (ascending) of the gallery items ``positives`` (sorted indices) in one row.
 
     Ranking: higher score first, ties by gallery index; equals a stable descending argsort.
+    ``method="count"`` counts, per positive, the items scoring higher plus the equal ones earlier
+    (two passes over the row per positive); ``"sort"`` sorts only the items scoring at least as high
+    as the worst positive. ``"auto"`` sorts when few items are that high (a good model) or there
+    are many positives, and counts otherwise.
     """
     if positives.size == 1:
         j = int(positives[0])
         v = row[j]
         return np.array([np.count_nonzero(row > v) + np.count_nonzero(row[:j] == v) + 1])
-    threshold = row[positives].min()
-    cand = np.flatnonzero(row >= threshold)  # only these can rank above some positive
-    values = row[cand]
-    if values.dtype.kind == "u":
-        values = values.astype(np.float64) if values.dtype.itemsize >= 8 else values.astype(np.int64)
-    order = np.argsort(-values, kind="stable")  # cand is ascending, so ties keep gallery order
+    values = row[positives]
+    at_least = row >= values.min()  # only these items can rank above some positive
+    if method == "auto":
+        few = np.count_nonzero(at_least) <= row.size // 16
+        method = "sort" if few or positives.size > 32 else "count"
+    if method == "count":
+        ranks = [np.count_nonzero(row > v) + np.count_nonzero(row[:j] == v) + 1 for j, v in zip(positives, values)]
+        return np.sort(np.asarray(ranks, dtype=np.int64))
+    cand = np.flatnonzero(at_least)
+    cand_values = row[cand]
+    if cand_values.dtype.kind == "u":
+        cand_values = cand_values.astype(np.float64 if cand_values.dtype.itemsize >= 8 else np.int64)
+    order = np.argsort(-cand_values, kind="stable")  # cand is ascending, so ties keep gallery order
     is_pos = np.zeros(cand.size, dtype=bool)
     is_pos[np.searchsorted(cand, positives)] = True
     return np.flatnonzero(is_pos[order]) + 1
 
 
 def _single_positive_ranks(rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`positive_ranks` for rows that each have exactly one positive ``pos[i]``."""
-    v = rows[np.arange(rows.shape[0]), pos][:, None]
-    before = np.arange(rows.shape[1])[None, :] < pos[:, None]
-    return np.count_nonzero(rows > v, axis=1) + np.count_nonzero((rows == v) & before, axis=1) + 1
+    """:func:`positive_ranks` for rows that each have exactly one positive ``pos[i]``."""
+    values = rows[np.arange(rows.shape[0]), pos]
+    higher = np.count_nonzero(rows > values[:, None], axis=1)
+    # ties only matter before the positive, so compare the prefix of each row
+    ties = [np.count_nonzero(row[:j] == v) for row, j, v in zip(rows, pos, values)]
+    return higher + np.asarray(ties, dtype=np.int64) + 1
 
 
 def _summary(per_query: Mapping[str, np.ndarray], ks: Sequence[int]) -> dict[str, Any]:
@@ -156,16 +170,21 @@ def evaluate(
     ks = tuple(int(k) for k in ks)
     if any(k < 1 for k in ks):
         raise ValueError(f"ks must be positive, got {ks}")
-    by_target: dict[Any, list[int]] = {}
-    for j, target in enumerate(gallery_ids):
-        by_target.setdefault(target, []).append(j)
-    positives = {t: np.asarray(idx, dtype=np.int64) for t, idx in by_target.items()}
-    no_pos = [i for i, q in enumerate(query_ids) if q not in positives]
-    if no_pos and not allow_no_positive:
+    # positives of every label as one CSR structure: gallery indices grouped by label code, ascending
+    code_of: dict[Any, int] = {}
+    gallery_codes = np.fromiter((code_of.setdefault(t, len(code_of)) for t in gallery_ids), dtype=np.int64, count=g)
+    by_label = np.argsort(gallery_codes, kind="stable")
+    offsets = np.zeros(len(code_of) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(gallery_codes, minlength=len(code_of)), out=offsets[1:])
+    query_codes = np.fromiter((code_of.get(q, -1) for q in query_ids), dtype=np.int64, count=n)
+    no_pos = np.flatnonzero(query_codes < 0)
+    if no_pos.size and not allow_no_positive:
         shown = ", ".join(f"#{i} ({query_ids[i]!r})" for i in no_pos[:5])
-        raise ValueError(f"{len(no_pos)} of {n} queries have no positive in the gallery, e.g. {shown}; "
+        raise ValueError(f"{no_pos.size} of {n} queries have no positive in the gallery, e.g. {shown}; "
                          "check that query and gallery ids use the same labels (or allow_no_positive=True)")
-    n_pos = np.array([len(by_target.get(q, ())) for q in query_ids], dtype=np.int64)
+    safe = np.maximum(query_codes, 0)
+    pos_start = offsets[safe]
+    n_pos = np.where(query_codes >= 0, offsets[safe + 1] - pos_start, 0)
 
     if chunk_size is None:
         chunk_size = max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES // (8 * g)))
@@ -183,15 +202,15 @@ def evaluate(
         counts = n_pos[start:stop]
         single = np.flatnonzero(counts == 1)
         if single.size:
-            pos = np.array([positives[query_ids[start + i]][0] for i in single], dtype=np.int64)
+            pos = by_label[pos_start[start + single]]
             sub = rows if single.size == rows.shape[0] else rows[single]
             r = _single_positive_ranks(sub, pos)
             first[start + single] = r
             ap[start + single] = 1.0 / r
             inp[start + single] = 1.0 / r
         for i in np.flatnonzero(counts > 1):
-            ranks = positive_ranks(rows[i], positives[query_ids[start + i]])
             q = start + i
+            ranks = positive_ranks(rows[i], by_label[pos_start[q] : pos_start[q] + n_pos[q]])
             first[q] = ranks[0]
             ap[q] = np.mean(np.arange(1, ranks.size + 1) / ranks)
             inp[q] = ranks.size / ranks[-1]
@@ -202,7 +221,7 @@ def evaluate(
 
     result = _with_groups({"first": first, "ap": ap, "inp": inp}, ks, query_groups, n)
     if allow_no_positive:
-        result["num_no_positive"] = len(no_pos)
+        result["num_no_positive"] = int(no_pos.size)
     return result
 
 
