@@ -139,8 +139,8 @@ def main() -> None:
     results = REPO / "benchmarks" / "results"
     write_json(results / "readers.json", result)
     write_text(results / "readers.md", f"# PAB reader benchmark\n\n`{result['command']}` "
-               f"(Python {result['python']}, {result['machine']}; wall time depends on other jobs "
-               f"sharing the machine, CPU time much less)\n\n{table}\n")
+               f"(Python {result['python']}, {result['machine']}; wall time varies with other jobs "
+               f"on the shared machine, CPU time hardly does)\n\n{table}\n")
     print(f"saved {results / 'readers.json'} and {results / 'readers.md'}")
 
 
