@@ -303,3 +303,27 @@ def test_real_engine_end_to_end(tiny_engine):
     assert c.get("/images/cam_a%2F001.jpg").status_code == 404  # the file name is not the id
     assert c.get("/images/..%2Findex%2Fmeta.json").status_code == 404
     assert c.get("/healthz").json()["gallery_size"] == 12
+
+
+class FailingEngine(FakeEngine):
+    def search(self, text, k=10, rerank=0):
+        if text == "boom":
+            raise RuntimeError("model crashed")
+        raise ValueError("no usable words in the query")
+
+
+def test_engine_errors_become_json(gallery):
+    c = TestClient(create_app(FailingEngine(gallery)), raise_server_exceptions=False)
+    r = c.get("/api/search", params={"q": "zzz"})
+    assert r.status_code == 422 and "no usable words" in r.json()["error"]
+    r = c.get("/api/search", params={"q": "boom"})
+    assert r.status_code == 500 and r.json() == {"error": "search failed; see the server log"}
+
+
+def test_index_without_tokens_turns_rerank_off(gallery):
+    engine = FakeEngine(gallery)
+    engine.index = type("NoTokens", (), {"has_tokens": False})()
+    c = TestClient(create_app(engine))
+    assert c.get("/api/examples").json()["limits"]["max_rerank"] == 0
+    assert c.get("/api/search", params={"q": "man", "rerank": 4}).status_code == 422
+    assert c.get("/api/search", params={"q": "man"}).status_code == 200

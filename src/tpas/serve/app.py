@@ -16,10 +16,12 @@ import logging
 import mimetypes
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 from urllib.parse import quote
+
+from tpas.errors import TpasError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,10 @@ def create_app(
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     limits = limits or Limits()
+    index = getattr(engine, "index", None)
+    if limits.max_rerank and index is not None and not getattr(index, "has_tokens", True):
+        log.warning("the index holds no image tokens: ITM re-ranking is off (rebuild the index with tokens)")
+        limits = replace(limits, max_rerank=0)
     example_list = [e for e in (examples if examples is not None else DEFAULT_EXAMPLES) if e.strip()]
     example_list = [e[: limits.max_query_chars] for e in example_list]
     model_lock = threading.Lock()  # torch modules are not guaranteed thread-safe; one search at a time
@@ -137,7 +143,13 @@ def create_app(
         if not text:
             return reason(422, "q: the query is empty", detail=[{"field": "q", "message": "empty query"}])
         received = time.perf_counter()
-        hits, model_ms = await run_in_threadpool(run_search, text, k, rerank)
+        try:
+            hits, model_ms = await run_in_threadpool(run_search, text, k, rerank)
+        except (ValueError, TpasError) as exc:  # the engine refused this input (e.g. no text tokens)
+            return reason(422, f"q: {exc}", detail=[{"field": "q", "message": str(exc)}])
+        except Exception:
+            log.exception("search failed for %r (k=%d, rerank=%d)", text, k, rerank)
+            return reason(500, "search failed; see the server log")
         latency_ms = (time.perf_counter() - received) * 1000.0
         return JSONResponse({
             "query": text,

@@ -84,6 +84,13 @@ async function loadExamples() {
     const body = await res.json();
     limits = body.limits || limits;
     input.maxLength = limits.max_query_chars;
+    if (!limits.max_rerank) {  // the index has no image tokens: ITC only
+      $("rerank").checked = false;
+      $("rerank").disabled = true;
+      $("rerank-k").disabled = true;
+    } else {
+      $("rerank-k").max = limits.max_rerank;
+    }
     const box = $("examples");
     for (const text of body.examples) {
       const b = document.createElement("button");
