@@ -37,6 +37,9 @@ PAIRS_PER_FILE = 200  # identities per pair_k.json (PAB spreads ~1M pairs over 7
 MAX_FILES = 75
 MANIFEST = "minipab.json"
 PARTIAL = ".minipab-partial"  # present while a run is under way; lets a re-run clean up after a crash
+# actions that would look out of place in a scene (nobody rides a bicycle in a lobby)
+UNLIKELY = {"indoor hall": ("riding a bicycle", "climbing a fence", "kicking a ball"),
+            "beach": ("riding a bicycle", "climbing a fence", "slipping")}
 OWNED = ("annotation", "train", "test", "ucc", "challenge", "preview.png", MANIFEST, PARTIAL)
 
 
@@ -93,8 +96,10 @@ def identity_plan(seed: int, split: str, identity: int) -> tuple[Appearance, str
     look = sample_appearance(rng)
     scenes = OOD_SCENES if split == "ood" else SCENES
     scene = scenes[int(rng.integers(len(scenes)))]
-    normal = NORMAL_ACTIONS[int(rng.integers(len(NORMAL_ACTIONS)))]
-    anomaly = ANOMALY_ACTIONS[int(rng.integers(len(ANOMALY_ACTIONS)))]
+    normals = [a for a in NORMAL_ACTIONS if a not in UNLIKELY.get(scene, ())]
+    anomalies = [a for a in ANOMALY_ACTIONS if a not in UNLIKELY.get(scene, ())]
+    normal = normals[int(rng.integers(len(normals)))]
+    anomaly = anomalies[int(rng.integers(len(anomalies)))]
     return look, scene, normal, anomaly, int(rng.integers(2**31))
 
 
@@ -156,6 +161,8 @@ def _attrs(item: dict) -> dict:
 
 def _prepare(out: Path) -> None:
     """Refuse to mix with foreign files; clear what an earlier mini-PAB run left behind."""
+    if out.exists() and not out.is_dir():
+        raise TpasError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         if not ((out / MANIFEST).is_file() or (out / PARTIAL).is_file()):
             raise TpasError(f"{out}: folder is not empty and holds no {MANIFEST}; choose a new or empty folder")
