@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tpas.models import create_model
-from tpas.models.clip import ClipModel, byte_level_vocab, tiny_clip_config
+from tpas.models.clip import ClipModel, byte_level_vocab, tiny_clip_config, write_bpe_files
 
 TEXTS = ["a man and a dog", "woman running and jumping"]
 MERGES = [("a", "n"), ("an", "d</w>")]  # enough to see real BPE merges: "and" -> one token
@@ -27,9 +27,7 @@ def clip_dir(tmp_path_factory):
     cfg.logit_scale_init_value = math.log(1 / 0.05)
     directory = tmp_path_factory.mktemp("clip")
     CLIPModel(cfg).save_pretrained(directory)
-    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES),
-                                          encoding="utf-8")
+    write_bpe_files(directory, MERGES)
     return directory
 
 

@@ -82,11 +82,26 @@ def byte_level_vocab(merges: list[tuple[str, str]] = ()) -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
+def write_bpe_files(directory: Path, merges: list[tuple[str, str]] = ()) -> Path:
+    """Write ``vocab.json`` + ``merges.txt`` for :func:`byte_level_vocab` (CLIP's on-disk format)."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(byte_level_vocab(merges)), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+                                          encoding="utf-8")
+    return directory
+
+
 @lru_cache(maxsize=1)
 def _builtin_bytes_tokenizer():
+    """Loaded through files so every transformers version (slow or fast CLIPTokenizer) reads it."""
+    import tempfile
+
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab=byte_level_vocab(), merges=[])
+    with tempfile.TemporaryDirectory(prefix="tpas-clip-bytes-") as tmp:
+        return CLIPTokenizer.from_pretrained(str(write_bpe_files(Path(tmp))), local_files_only=True)
 
 
 @lru_cache(maxsize=8)
