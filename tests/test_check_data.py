@@ -81,3 +81,13 @@ def test_challenge_split_and_cli_ok(tmp_path, capsys, monkeypatch):
     assert "result: OK" in capsys.readouterr().out
     assert json.loads((tmp_path / "check-data-pab.json").read_text())["counts"]["challenge gallery images"] == 12
     assert main(["check-data", str(tmp_path / "nowhere"), "--format", "pab"]) == 2
+
+
+def test_challenge_subfolder_of_a_pab_root(tmp_path):
+    root = make_pab(tmp_path)
+    make_challenge(root / "challenge", gallery=5)
+    (root / "challenge/gallery/2.jpg").write_bytes(b"GIF89a broken")
+    report = check_dataset(root, "pab", workers=2, progress=False)
+    assert report.splits == ["train", "test", "ucc", "challenge"]
+    assert report.counts["challenge queries"] == 3
+    assert [c["path"] for c in report.corrupt] == ["challenge/gallery/2.jpg"]

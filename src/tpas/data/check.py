@@ -77,7 +77,7 @@ def default_splits(root: str | os.PathLike, fmt: str) -> list[str]:
         found.append("test")
     if (test / "ucc.json").is_file():
         found.append("ucc")
-    if (root / "query.json").is_file():
+    if (root / "query.json").is_file() or (root / "challenge" / "query.json").is_file():
         found.append("challenge")
     if not found:
         raise TpasError(f"{root}: no PAB annotation found (annotation/train, annotation/test or query.json)")
@@ -107,10 +107,13 @@ def _split_images(root: Path, fmt: str, split: str, counts: dict[str, int]) -> l
         counts["train pairs"] = len(data)
         images = [p.image for p in data.pairs] + [p.hard_image for p in data.pairs if p.hard_image]
     else:
-        evalset = load_eval(root, fmt, split, check_images=False)
+        prefix = ""
+        if split == "challenge" and not (root / "query.json").is_file() and (root / "challenge").is_dir():
+            prefix = "challenge/"  # a mini-PAB root keeps its masked copy in challenge/
+        evalset = load_eval(root / prefix, fmt, split, check_images=False)
         counts[f"{split} queries"] = len(evalset.queries)
         counts[f"{split} gallery images"] = len(evalset.gallery)
-        images = [g.image for g in evalset.gallery]
+        images = [prefix + g.image for g in evalset.gallery]
     return images
 
 
