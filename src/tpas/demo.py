@@ -64,7 +64,8 @@ class DemoOptions:
 
 
 def default_out() -> Path:
-    return Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    """A fixed folder, so that running ``make demo`` again resumes instead of starting over."""
+    return Path("runs") / "demo"
 
 
 def settings_for(opts: DemoOptions) -> list[Setting]:

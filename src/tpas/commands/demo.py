@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="the whole method end to end on a generated mini-PAB",
         description="Generate mini-PAB, train lite, evaluate (ITC, +ITM re-rank, +SCA), write report.html, "
                     "build an index and serve the search page. Re-running with the same --out resumes.")
-    p.add_argument("--out", type=Path, help="run folder (default runs/demo-<timestamp>)")
+    p.add_argument("--out", type=Path, help="run folder (default runs/demo; an existing one is resumed)")
     p.add_argument("--identities", type=int, default=1000, help="mini-PAB identities to generate (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--config", type=Path, help="training config (default configs/minipab-lite.yaml)")
