@@ -31,11 +31,13 @@ def _digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _small_files():
-    """Four identities per pair_k.json, so the 14-identity sets spread over several files."""
+    """Four identities per pair_k.json and three per worker task, so the 14-identity sets spread
+    over several files and several pool tasks."""
     from tpas.data.synth import writer
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(writer, "PAIRS_PER_FILE", 4)
+        mp.setattr(writer, "CHUNK", 3)
         yield
 
 

@@ -35,6 +35,7 @@ VERSION = "minipab-1"
 SPLIT_CODES = {"train": 0, "test": 1, "ood": 2, "challenge": 3}
 PAIRS_PER_FILE = 200  # identities per pair_k.json (PAB spreads ~1M pairs over 75 files)
 MAX_FILES = 75
+CHUNK = 16  # identities a worker renders per task
 MANIFEST = "minipab.json"
 PARTIAL = ".minipab-partial"  # present while a run is under way; lets a re-run clean up after a crash
 # actions that would look out of place in a scene (nobody rides a bicycle in a lobby)
@@ -131,8 +132,7 @@ def _run(jobs: list[_Job], workers: int, desc: str) -> list[list[dict]]:
     """Render jobs in order, in a process pool when ``workers`` > 1 (results keep job order)."""
     from tqdm import tqdm
 
-    chunk = 16
-    chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
+    chunks = [jobs[i:i + CHUNK] for i in range(0, len(jobs), CHUNK)]
     results: list[list[dict]] = []
     with tqdm(total=len(jobs), desc=desc, unit="id", disable=len(jobs) < 50, leave=False) as bar:
         if workers <= 1:
