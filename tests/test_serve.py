@@ -327,3 +327,16 @@ def test_index_without_tokens_turns_rerank_off(gallery):
     assert c.get("/api/examples").json()["limits"]["max_rerank"] == 0
     assert c.get("/api/search", params={"q": "man", "rerank": 4}).status_code == 422
     assert c.get("/api/search", params={"q": "man"}).status_code == 200
+
+
+def test_busy_port_is_a_clear_error():
+    from tpas.errors import TpasError
+    from tpas.serve.run import bind_socket
+
+    first = bind_socket("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(TpasError, match=f"cannot listen on 127.0.0.1:{port}"):
+            bind_socket("127.0.0.1", port)
+    finally:
+        first.close()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tpas.errors import TpasError
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -26,7 +28,7 @@ def bind_socket(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise TpasError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (try another --port; 0 picks a free one)") from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
