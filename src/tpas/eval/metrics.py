@@ -21,7 +21,7 @@ blocks), so a 100k x 1M evaluation runs in bounded memory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
