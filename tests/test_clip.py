@@ -103,7 +103,7 @@ def test_projected_image_tokens_and_person_size(clip_dir):
 
 
 def test_clip_freezing(clip_dir):
-    model = create_model("clip", clip_name_or_path=str(clip_dir), train_text_layers=0, train_image_layers=1)
+    model = create_model("clip", clip_name_or_path=str(clip_dir), train_text_layers=0, train_image_blocks=1)
     text, vision = model.clip.text_model, model.clip.vision_model
     assert not any(p.requires_grad for p in text.parameters())
     assert not any(p.requires_grad for p in vision.encoder.layers[0].parameters())

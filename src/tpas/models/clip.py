@@ -58,7 +58,7 @@ class ClipConfig(ModelConfig):
     fusion_mlp_ratio: float = 4.0
     dropout: float = 0.1
     train_text_layers: int = -1  # -1 = all, 0 = frozen, k = top k transformer layers
-    train_image_layers: int = -1
+    train_image_blocks: int = -1  # top k vision transformer layers (same field name as lite)
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
@@ -191,17 +191,17 @@ class ClipModel(RetrievalModel):
                                   mlp_ratio=config.fusion_mlp_ratio, dropout=config.dropout)
         self.itm_head = ITMHead(text_width)
         self._interpolate = tuple(config.image_size) != (side, side)
-        self.set_trainable(config.train_text_layers, config.train_image_layers)
+        self.set_trainable(config.train_text_layers, config.train_image_blocks)
 
-    def set_trainable(self, text_layers: int = -1, image_layers: int = -1) -> None:
+    def set_trainable(self, text_layers: int = -1, image_blocks: int = -1) -> None:
         """Freeze the CLIP towers except their top layers (-1 = all); projections and heads train."""
-        self.config.train_text_layers, self.config.train_image_layers = text_layers, image_layers
+        self.config.train_text_layers, self.config.train_image_blocks = text_layers, image_blocks
         text, vision = self.clip.text_model, self.clip.vision_model
         train_top_blocks(text, text.encoder.layers, text_layers)
-        train_top_blocks(vision, vision.encoder.layers, image_layers)
+        train_top_blocks(vision, vision.encoder.layers, image_blocks)
         if text_layers != 0:
             text.final_layer_norm.requires_grad_(True)
-        if image_layers != 0:
+        if image_blocks != 0:
             vision.post_layernorm.requires_grad_(True)
 
     # -- tokenizer ------------------------------------------------------------------------------
