@@ -111,3 +111,39 @@ def test_gallery_from_folder(gallery):
     root, images = gallery
     found = gallery_from_folder(root)
     assert sorted(g.image_id for g in found) == sorted(["0", "2", "4", "6", "sub/1", "sub/3", "sub/5"])
+
+
+@pytest.mark.slow
+def test_two_processes_under_a_process_group(model, gallery, tmp_path):
+    """Two real processes (RANK/WORLD_SIZE as `accelerate launch` sets them) write one index."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root, images = gallery
+    model_dir = model.save_pretrained(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from tpas.models import create_model\n"
+        "from tpas.search.index import build_index, gallery_from_folder\n"
+        "root, model_dir, out = sys.argv[1:4]\n"
+        "build_index(create_model(model_dir), gallery_from_folder(root), root, out, chunk_size=2, progress=False)\n"
+    )
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "-c", script, str(root), str(model_dir), str(tmp_path / "idx")],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out
+    index = open_index(tmp_path / "idx", model)
+    assert [s["path"].split("/")[1] for s in index.meta["token_shards"]] == ["00000-of-00002", "00001-of-00002"]
+    single = open_index(build_index(model, gallery_from_folder(root), root, tmp_path / "one", progress=False))
+    assert index.ids == single.ids
+    np.testing.assert_allclose(index.embeds, single.embeds, atol=1e-5)
