@@ -17,6 +17,7 @@ mixing results.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
@@ -32,7 +33,9 @@ from tpas.utils.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "minipab-lite.yaml"
+CONFIG_NAME = "minipab-lite.yaml"
+# a checkout (editable install) keeps configs/ at the repository root; a wheel may ship tpas/configs/
+REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / CONFIG_NAME
 METRIC_KEYS = ("R@1", "R@5", "R@10", "mAP", "mINP")
 
 
@@ -61,6 +64,14 @@ class DemoOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     examples: int = 12
+
+
+def default_config() -> Path:
+    for candidate in (REPO_CONFIG, Path(__file__).resolve().parent / "configs" / CONFIG_NAME,
+                      Path.cwd() / "configs" / CONFIG_NAME):
+        if candidate.is_file():
+            return candidate
+    raise TpasError(f"cannot find configs/{CONFIG_NAME}; pass --config")
 
 
 def default_out() -> Path:
@@ -127,9 +138,8 @@ def train_model(opts: DemoOptions, data_dir: Path, train_dir: Path) -> Path:
     from tpas.config import load_config
     from tpas.train.loop import train
 
-    config_path = opts.config or REPO_CONFIG
     overrides = [f"data.root={data_dir}", f"train.out={train_dir}", *opts.overrides]
-    config = load_config(config_path, overrides)
+    config = load_config(opts.config or default_config(), overrides)
     resume = (train_dir / "checkpoints" / "latest").is_file()
     if resume:
         log.info("[demo] resuming training from %s", train_dir / "checkpoints")
@@ -272,6 +282,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run (or resume) every step; returns the results rows and the paths written."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
+    opts.config = Path(opts.config) if opts.config else default_config()
+    if not opts.config.is_file():
+        raise TpasError(f"training config not found: {opts.config}")
     data_dir, train_dir, model_dir = out / "minipab", out / "train", out / "model"
     eval_dir, index_dir = out / "eval", out / "index"
     steps = Steps(out)
@@ -281,7 +294,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     data_params = {"identities": opts.identities, "seed": opts.seed}
     steps.run("data", data_params, lambda: make_data(opts, data_dir))
 
-    train_params = {**data_params, "config": str(opts.config or REPO_CONFIG), "overrides": list(opts.overrides)}
+    config_sha = hashlib.sha256(Path(opts.config).read_bytes()).hexdigest()[:16]
+    train_params = {**data_params, "config_sha256": config_sha, "overrides": list(opts.overrides)}
 
     def do_train() -> None:
         best = train_model(opts, data_dir, train_dir)
@@ -308,7 +322,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     def do_report() -> None:
         info = {"data": data_dir, "model": model_dir, "identities": opts.identities, "seed": opts.seed,
-                "config": opts.config or REPO_CONFIG, "overrides": " ".join(opts.overrides) or "none"}
+                "config": opts.config, "overrides": " ".join(opts.overrides) or "none"}
         write_report(out, rows, info)
 
     steps.run("report", eval_params, do_report)
