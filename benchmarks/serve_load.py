@@ -197,7 +197,7 @@ def main() -> int:
 
     setup = {"images": args.images, "model": args.model, "clients": args.clients, "queries_per_client": args.queries,
              "k": args.k, "server_threads": args.threads, "cpus": os.cpu_count(), "machine": platform.machine(),
-             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+             "python": platform.python_version(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     lines = [f"# serve load: {args.clients} clients x {args.queries} queries, {args.images}-image index ({args.model})",
              "", f"setup: {json.dumps(setup)}", "",
              "| re-rank | requests | errors | p50 ms | p90 ms | p99 ms | max ms | throughput q/s | model ms (p50) |",
