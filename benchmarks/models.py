@@ -15,7 +15,8 @@ GPU (``--gpu``): ``xvlm-base`` (random weights: speed does not depend on them) i
 images/s = ``encode_image`` on a batch of random pixels at the model's ``image_size``; texts/s =
 ``encode_text`` on PAB-like ~40-word captions; ITM pairs/s = ``itm_logits`` on (image, text) token
 pairs, the cost of re-ranking one ITC candidate. Each figure is the median batch time over
-``--seconds`` of repeats after one warm-up batch. Prints a table and saves
+``--seconds`` of repeats after one warm-up batch; on CPU the same per process-CPU second too (robust
+to other jobs on a shared machine). Prints a table and saves
 ``benchmarks/results/models{,-gpu}.{json,md}``.
 """
 
@@ -42,18 +43,24 @@ CAPTION = ("a young man with short black hair wearing a dark blue jacket, grey t
            "at the mobile phone in his right hand")
 
 
-def timed(fn, seconds: float, sync=lambda: None) -> float:
-    """Median wall time of ``fn()`` over ``seconds`` of repeats (at least 3) after one warm-up."""
+def timed(fn, seconds: float, sync=lambda: None) -> tuple[float, float]:
+    """Median (wall, process-CPU) seconds of ``fn()`` over ``seconds`` of repeats (>= 3), after a warm-up.
+
+    CPU seconds are less sensitive to other jobs on a shared machine than wall time: with T
+    threads and no contention, wall throughput is about T x the per-CPU-second figure.
+    """
     fn()
     sync()
-    times: list[float] = []
+    walls: list[float] = []
+    cpus: list[float] = []
     start = time.perf_counter()
-    while len(times) < 3 or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
+    while len(walls) < 3 or time.perf_counter() - start < seconds:
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def word_vocab_size(model: torch.nn.Module) -> int:
@@ -90,7 +97,10 @@ def bench_model(name: str, device: str, dtype: torch.dtype, image_batch: int, te
         "params_total_M": counts["total"] / 1e6,
         "params": counts, "build_s": round(build_s, 2),
         "image_batch": image_batch, "text_batch": text_batch,
-        "images_per_s": image_batch / img_s, "texts_per_s": text_batch / txt_s, "itm_pairs_per_s": n / itm_s,
+        "images_per_s": image_batch / img_s[0], "texts_per_s": text_batch / txt_s[0],
+        "itm_pairs_per_s": n / itm_s[0],
+        "images_per_cpu_s": image_batch / img_s[1], "texts_per_cpu_s": text_batch / txt_s[1],
+        "itm_pairs_per_cpu_s": n / itm_s[1],
         "image_tokens": list(img.tokens.shape[1:]), "embed_dim": int(img.embeds.shape[-1]),
     }
     if device.startswith("cuda"):
@@ -99,9 +109,9 @@ def bench_model(name: str, device: str, dtype: torch.dtype, image_batch: int, te
 
 
 def markdown(rows: list[dict], header: str) -> str:
+    gpu = any("peak_gpu_mem_GiB" in r for r in rows)
     cols = ["model", "params (M)", "input HxW", "image tokens", "images/s", "texts/s", "ITM pairs/s"]
-    if any("peak_gpu_mem_GiB" in r for r in rows):
-        cols.append("peak GPU GiB")
+    cols += ["peak GPU GiB"] if gpu else ["images/CPU-s", "texts/CPU-s", "ITM pairs/CPU-s"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if "skipped" in r:
@@ -110,8 +120,10 @@ def markdown(rows: list[dict], header: str) -> str:
         cells = [r["model"], f"{r['params_total_M']:.1f}", "x".join(map(str, r["image_size"])),
                  "x".join(map(str, r["image_tokens"])), f"{r['images_per_s']:.1f}", f"{r['texts_per_s']:.1f}",
                  f"{r['itm_pairs_per_s']:.1f}"]
-        if "peak GPU GiB" in cols:
+        if gpu:
             cells.append(f"{r.get('peak_gpu_mem_GiB', 0):.2f}")
+        else:
+            cells += [f"{r['images_per_cpu_s']:.1f}", f"{r['texts_per_cpu_s']:.1f}", f"{r['itm_pairs_per_cpu_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
