@@ -58,6 +58,32 @@ class Limits:
     max_id_chars: int = 256
 
 
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+                                  b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+]
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware adding the headers above to every response (cheaper than BaseHTTPMiddleware)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def hit_to_json(hit: Any) -> dict[str, Any]:
     """One search hit as the API returns it; the URL quotes the id so any id round-trips."""
     image_id = str(hit.image_id)
@@ -115,17 +141,7 @@ def create_app(
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return reason(exc.status_code, str(exc.detail))
 
-    @app.middleware("http")
-    async def _headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
-        )
-        return response
+    app.add_middleware(SecurityHeaders)
 
     def run_search(text: str, k: int, rerank: int) -> tuple[list[Any], float]:
         with model_lock:
