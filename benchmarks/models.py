@@ -23,6 +23,7 @@ to other jobs on a shared machine). Prints a table and saves
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -166,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {row['images_per_s']:.1f} images/s, {row['texts_per_s']:.1f} texts/s, "
               f"{row['itm_pairs_per_s']:.1f} ITM pairs/s", file=sys.stderr)
 
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     header = (f"Model encode throughput ({where}; torch {torch.__version__}; image batch {image_batch}, "
-              f"text batch {text_batch}, captions of {len(CAPTION.split())} words)")
+              f"text batch {text_batch}, captions of {len(CAPTION.split())} words; "
+              f"load average at the end {load} on {os.cpu_count()} CPUs)")
     table = markdown(rows, header)
     print(table)
     stem = "models-gpu" if args.gpu else "models"
-    write_json(args.out / f"{stem}.json", {"setup": where, "torch": torch.__version__, "rows": rows})
+    write_json(args.out / f"{stem}.json", {"setup": where, "torch": torch.__version__, "loadavg": os.getloadavg(),
+                                           "cpus": os.cpu_count(), "rows": rows})
     write_text(args.out / f"{stem}.md", table)
     print(f"wrote {args.out / stem}.json and .md")
     return 0
