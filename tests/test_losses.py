@@ -159,3 +159,40 @@ def test_schedules_warmup_then_decay():
     assert step(4) == 1.0 and step(5) == pytest.approx(0.1)
     with pytest.raises(ValueError):
         schedule_fn("bogus", 10)
+
+
+def _tiny_batch(model, b: int = 4) -> dict[str, torch.Tensor]:
+    h, w = model.image_size
+    ids, mask = model.tokenize([f"a person number {i} walking" for i in range(b)])
+    h_ids, h_mask = model.tokenize([f"a person number {i} falling down" for i in range(b)])
+    return {"images": torch.randn(b, 3, h, w), "input_ids": ids, "attention_mask": mask,
+            "labels": torch.tensor([0, 0, 1, 2])[:b], "hard_rows": torch.tensor([0, 2]),
+            "hard_images": torch.randn(2, 3, h, w), "hard_input_ids": h_ids[[0, 2]],
+            "hard_attention_mask": h_mask[[0, 2]]}
+
+
+def test_train_step_combines_losses_and_mlm_on_lite_tiny():
+    from tpas.config import LossSection
+    from tpas.models import create_model
+    from tpas.train.loop import TrainStep
+
+    torch.manual_seed(0)
+    model = create_model("lite-tiny")
+    batch = _tiny_batch(model)
+    out = TrainStep(model, LossSection(itc=1.0, itm=0.5, mlm=0.2))(batch)
+    assert set(out) >= {"itc", "itm", "mlm", "loss", "itm_acc"}
+    expected = out["itc"] + 0.5 * out["itm"] + 0.2 * out["mlm"]
+    assert torch.allclose(out["loss"], expected)
+    out["loss"].backward()
+    assert model.mlm_head.bias.grad is not None and model.itm_head.net[0].weight.grad is not None
+    assert model.temp.grad is not None
+
+
+def test_mlm_on_a_model_without_head_is_a_clear_not_implemented():
+    from tpas.config import LossSection
+    from tpas.models import create_model
+    from tpas.train.loop import TrainStep
+
+    model = create_model("lite-tiny", mlm_head=False)
+    with pytest.raises(NotImplementedError, match="mlm_head=False"):
+        TrainStep(model, LossSection(mlm=1.0))(_tiny_batch(model))

@@ -106,6 +106,11 @@ def test_sampler_is_deterministic_sharded_and_resumable():
     assert merged == batches
     with pytest.raises(ValueError, match="cannot fill one global batch"):
         ShardedBatchSampler(3, 4)
+    grouped = ShardedBatchSampler(20, 4, seed=3, groups=[[2 * i, 2 * i + 1] for i in range(10)])
+    for batch in grouped:  # partners stay together
+        assert all(batch[k] // 2 == batch[k + 1] // 2 for k in range(0, 4, 2))
+    with pytest.raises(ValueError, match="partition"):
+        ShardedBatchSampler(4, 2, groups=[[0, 1], [1, 2]])
 
 
 def test_dataset_items_repeat_per_epoch_and_index(tiny_pab):

@@ -45,6 +45,7 @@ class DataSection:
     augment: bool = True  # TrainTransform (crop, flip, jitter); off = EvalTransform
     hard_pairs: bool = True  # load PAB's same-person opposite-behaviour pair (for ITM negatives)
     eda: float = 0.0  # probability of EDA-style text augmentation per caption (deletion/swap)
+    group_batches: bool = False  # keep an identity's pairs (PAB: normal + anomaly) in the same batch
 
 
 @dataclass

@@ -162,12 +162,22 @@ class _Tokenize:
 class ShardedBatchSampler(Sampler[list[int]]):
     """Deterministic, resumable batches: epoch permutations seeded by (seed, epoch), full global
     batches only (every rank gets the same batch size, which gathering needs), and ``start`` to
-    skip the batches a resumed run has already consumed."""
+    skip the batches a resumed run has already consumed.
 
-    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0):
+    With ``groups`` (lists of dataset indices, e.g. a PAB person's normal and anomaly pair) the
+    permutation is over groups and each group's members stay adjacent, so they mostly land in the
+    same batch: the opposite-behaviour partner becomes an in-batch ITC negative and a likely ITM
+    hard negative, at no extra encoding cost.
+    """
+
+    def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 groups: Sequence[Sequence[int]] | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed
+        self.groups = [list(g) for g in groups] if groups is not None else None
+        if self.groups is not None and sorted(i for g in self.groups for i in g) != list(range(size)):
+            raise ValueError("groups must partition range(size)")
         self.epoch, self.start = 0, 0
         if len(self) == 0:
             raise ValueError(f"{size} training pairs cannot fill one global batch of "
@@ -180,13 +190,26 @@ class ShardedBatchSampler(Sampler[list[int]]):
         """Batches per epoch (the full count; ``start`` does not change it)."""
         return self.size // (self.batch_size * self.world_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def order(self) -> list[int]:
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=g).tolist()
+        if self.groups is None:
+            return torch.randperm(self.size, generator=g).tolist()
+        return [i for k in torch.randperm(len(self.groups), generator=g).tolist() for i in self.groups[k]]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
         glob = self.batch_size * self.world_size
         for b in range(self.start, len(self)):
             lo = b * glob + self.rank * self.batch_size
             yield order[lo:lo + self.batch_size]
+
+
+def identity_groups(pairs: Sequence[ImageText]) -> list[list[int]]:
+    """Indices of ``pairs`` grouped by :func:`identity_group`, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(identity_group(p), []).append(i)
+    return list(groups.values())
 
 
 def build_train_loader(dataset: PairDataset, sampler: ShardedBatchSampler, collate: Collator,

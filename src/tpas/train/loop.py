@@ -174,8 +174,8 @@ class Trainer:
         return model
 
     def _build_data(self, trainset) -> None:
-        from tpas.data.loader import (Collator, PairDataset, ShardedBatchSampler, build_train_loader, label_map,
-                                      split_by_identity, subsample, validation_set)
+        from tpas.data.loader import (Collator, PairDataset, ShardedBatchSampler, build_train_loader,
+                                      identity_groups, label_map, split_by_identity, subsample, validation_set)
         from tpas.data.transforms import EvalTransform, TrainTransform
 
         cfg, dcfg = self.config, self.config.data
@@ -195,8 +195,9 @@ class Trainer:
         hard = dcfg.hard_pairs and cfg.loss.itm > 0 and cfg.loss.itm_hard_pairs
         self.dataset = PairDataset(train_pairs, self.root, transform, label_map(train_pairs), cfg.train.seed,
                                    hard_pairs=hard, eda=dcfg.eda)
+        groups = identity_groups(train_pairs) if dcfg.group_batches else None
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.train.batch_size, self.world, self.rank,
-                                           cfg.train.seed)
+                                           cfg.train.seed, groups=groups)
         self.loader = build_train_loader(self.dataset, self.sampler, Collator.for_model(model), dcfg.workers)
         accum = max(1, cfg.train.grad_accum)
         self.steps_per_epoch = len(self.sampler) // accum
