@@ -183,3 +183,30 @@ def test_mlm_logits_predict_over_the_vocab_and_train():
     loss.backward()
     assert model.mlm_head.bias.grad is not None and model.fusion.layers[0].cross_attn.key.weight.grad is not None
     assert create_model("lite-tiny", mlm_head=False).mlm_head is None
+
+
+def test_shared_layers():
+    from tpas.models.layers import FusionStack, ITMHead, ProjectionHead
+
+    torch.manual_seed(0)
+    head = ITMHead(8)
+    kinds = [type(m).__name__ for m in head.net]
+    assert kinds == ["Linear", "LayerNorm", "GELU", "Linear"]
+    assert head.net[0].out_features == 16 and head.net[3].out_features == 2
+    proj = ProjectionHead(12, 6, hidden=10)
+    assert torch.allclose(proj(torch.randn(4, 12)).norm(dim=-1), torch.ones(4), atol=1e-5)
+    stack = FusionStack(2, text_width=8, image_width=20, heads=2).eval()
+    text, image = torch.randn(2, 5, 8), torch.randn(2, 7, 20)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = stack(text, mask, image)
+    assert out.shape == (2, 5, 8)
+    # post-norm: every layer ends in a LayerNorm, so states are normalised per position
+    assert torch.allclose(out.mean(-1), torch.zeros(2, 5), atol=1e-5)
+    # padded positions do not influence the real ones
+    changed = text.clone()
+    changed[0, 3:] = 100.0
+    assert torch.allclose(stack(changed, mask, image)[0, :3], out[0, :3], atol=1e-5)
+    # every image token does
+    moved = image.clone()
+    moved[:, -1] += 1.0
+    assert not torch.allclose(stack(text, mask, moved), out)
