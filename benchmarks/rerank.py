@@ -2,8 +2,9 @@
 
 Both paths score exactly the same (query, candidate) pairs with ``tpas.search.rerank.itm_scores``:
 
-* batched: every pair of every query in one flat list, ``--batch`` pairs per fusion forward,
-  image tokens gathered (each distinct image once per batch) from a memory-mapped fp16 file;
+* batched: every pair of every query in one flat list (ordered by text length), ``--batch`` pairs
+  per fusion forward, image tokens gathered (each distinct image once per batch) from a
+  memory-mapped fp16 file;
 * per-query loop: one forward per query over its ``--k`` candidates (the upstream evaluation loop);
 * per-pair loop (on the first ``--pair-sample`` pairs only): one forward per pair.
 
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 
 from tpas.models import create_model  # noqa: E402
 from tpas.search.encode import encode_texts, inference  # noqa: E402
-from tpas.search.rerank import itm_scores  # noqa: E402
+from tpas.search.rerank import default_itm_batch, itm_scores  # noqa: E402
 from tpas.utils.io import write_json, write_text  # noqa: E402
 
 WORDS = ("a young man with short black hair wearing a dark blue jacket grey trousers and white sneakers is "
@@ -61,7 +62,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=16)
     ap.add_argument("--k", type=int, default=32, help="candidates per query")
     ap.add_argument("--pool", type=int, default=256, help="distinct gallery images the candidates come from")
-    ap.add_argument("--batch", type=int, default=512, help="pairs per forward in the batched path")
+    ap.add_argument("--batch", type=int, default=None, help="pairs per forward in the batched path (default: 128 on CPU, 1024 on GPU)")
     ap.add_argument("--pair-sample", type=int, default=64, help="pairs timed in the per-pair loop")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -73,6 +74,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     model = create_model(args.model).to(args.device).eval()
+    args.batch = args.batch or default_itm_batch(args.device)
     enc = encode_texts(model, captions(args.queries, rng), keep_tokens=True, progress=False)
     with inference(model):
         shape = model.encode_image(torch.zeros(1, 3, *model.image_size, device=args.device)).tokens.shape[1:]

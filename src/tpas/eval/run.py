@@ -51,7 +51,7 @@ def gallery_index(model, evalset: EvalSet, index_dir: str | Path, keep_tokens: b
 
 
 def score_queries(model, evalset: EvalSet, index, rerank: int = 0, chunk_size: int = 512, text_batch_size: int = 128,
-                  itm_mode: str = "logit", weight: float = DEFAULT_WEIGHT, itm_batch_size: int = 512,
+                  itm_mode: str = "logit", weight: float = DEFAULT_WEIGHT, itm_batch_size: int | None = None,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(scores [Q,G] float32, text embeddings [Q,E]): ITC for every pair, ITM-fused on each top-``rerank``."""
     from tqdm.auto import tqdm
@@ -105,7 +105,7 @@ def sample_queries(evalset: EvalSet, n: int, seed: int = 0) -> list[int]:
 def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_dir: str | Path | None = None, *,
              index_dir: str | Path | None = None, post_options: dict[str, Any] | None = None,
              itm_mode: str = "logit", weight: float = DEFAULT_WEIGHT, batch_size: int = 64, workers: int = 0,
-             query_chunk: int = 512, itm_batch_size: int = 512, report_queries: int = 24, seed: int = 0,
+             query_chunk: int = 512, itm_batch_size: int | None = None, report_queries: int = 24, seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` on ``evalset``; write ``metrics.json``, ``report.html`` (and ``answer.txt``) to ``out_dir``.
 

@@ -42,7 +42,7 @@ class SearchEngine:
     """Search one gallery index with the model it was built with."""
 
     def __init__(self, index: str | Path | GalleryIndex, model, *, itm_mode: str = "logit",
-                 weight: float = DEFAULT_WEIGHT, batch_size: int = 512, root: str | Path | None = None):
+                 weight: float = DEFAULT_WEIGHT, batch_size: int | None = None, root: str | Path | None = None):
         self.model = model
         self.index = index if isinstance(index, GalleryIndex) else open_index(index, model, root=root)
         self.itm_mode, self.weight, self.batch_size = itm_mode, weight, batch_size

@@ -32,6 +32,15 @@ DEFAULT_WEIGHT = 0.002
 ITM_MODES = ("logit", "prob")
 
 
+def default_itm_batch(device) -> int:
+    """Pairs per fusion forward: large on GPUs (launch overhead dominates), modest on CPUs.
+
+    On a CPU the fusion compute dominates and batches beyond ~100 pairs only cost cache
+    (``benchmarks/results/rerank.md``).
+    """
+    return 1024 if str(device).startswith("cuda") else 128
+
+
 # -- ranking helpers ---------------------------------------------------------------------------
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of every row, best first, ties broken by column order (stable).
@@ -70,12 +79,14 @@ def fuse(itm: np.ndarray, itc: np.ndarray, weight: float = DEFAULT_WEIGHT) -> np
 
 # -- ITM scoring ---------------------------------------------------------------------------------
 def itm_scores(model, text_tokens, text_mask, image_tokens, query_rows: Sequence[int], image_rows: Sequence[int],
-               batch_size: int = 512, mode: str = "logit", progress: bool = False) -> np.ndarray:
+               batch_size: int | None = None, mode: str = "logit", progress: bool = False) -> np.ndarray:
     """ITM score of each pair (``text_tokens[query_rows[i]]``, ``image_tokens[image_rows[i]]``), float32 [P].
 
     ``text_tokens`` [Q,L,D] / ``text_mask`` [Q,L] (numpy or torch); ``image_tokens`` is anything
     that returns a [n,T,D] array for an integer row array (a numpy array, a memmap, the index's
-    TokenStore). Pairs are processed ``batch_size`` at a time in the given order.
+    TokenStore). Pairs are processed ``batch_size`` at a time, ordered by text length (stable) so
+    that each batch is padded only to the longest text it holds; results come back in input order.
+    ``batch_size`` None = :func:`default_itm_batch` for the model's device.
     """
     from tqdm.auto import tqdm
 
@@ -83,6 +94,7 @@ def itm_scores(model, text_tokens, text_mask, image_tokens, query_rows: Sequence
 
     if mode not in ITM_MODES:
         raise ValueError(f"ITM score mode must be one of {ITM_MODES}, got {mode!r}")
+    batch_size = batch_size or default_itm_batch(model.device)
     query_rows = np.asarray(query_rows, dtype=np.int64)
     image_rows = np.asarray(image_rows, dtype=np.int64)
     if query_rows.shape != image_rows.shape:
@@ -91,6 +103,10 @@ def itm_scores(model, text_tokens, text_mask, image_tokens, query_rows: Sequence
     text_tokens = torch.as_tensor(text_tokens)
     text_mask = torch.as_tensor(text_mask)
     dtype = next(model.parameters()).dtype
+    # visit pairs by text length so a batch pads its texts to similar widths (less wasted fusion work)
+    lengths = text_mask.sum(1).numpy() if len(text_mask) else np.zeros(0, np.int64)
+    order = np.argsort(lengths[query_rows], kind="stable") if len(query_rows) else np.zeros(0, np.int64)
+    query_rows, image_rows = query_rows[order], image_rows[order]
     out = np.empty(len(query_rows), dtype=np.float32)
     with inference(model):
         for start in tqdm(range(0, len(query_rows), batch_size), desc="ITM re-rank", unit="batch",
@@ -106,11 +122,13 @@ def itm_scores(model, text_tokens, text_mask, image_tokens, query_rows: Sequence
             logits = model.itm_logits(img, txt, mask[:, :width].to(device)).float()
             score = logits[:, 1] if mode == "logit" else logits.softmax(-1)[:, 1]
             out[start:start + len(g)] = score.cpu().numpy()
-    return out
+    result = np.empty_like(out)
+    result[order] = out
+    return result
 
 
 def rerank_candidates(model, text_tokens, text_mask, image_tokens, candidates: np.ndarray, itc: np.ndarray,
-                      weight: float = DEFAULT_WEIGHT, mode: str = "logit", batch_size: int = 512,
+                      weight: float = DEFAULT_WEIGHT, mode: str = "logit", batch_size: int | None = None,
                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """ITM-score every query's candidate list and fuse it with ITC.
 
@@ -137,7 +155,7 @@ def rerank_candidates(model, text_tokens, text_mask, image_tokens, candidates: n
 
 
 def rerank_scores(model, itc_scores: np.ndarray, text_tokens, text_mask, image_tokens, k: int = DEFAULT_K,
-                  weight: float = DEFAULT_WEIGHT, mode: str = "logit", batch_size: int = 512,
+                  weight: float = DEFAULT_WEIGHT, mode: str = "logit", batch_size: int | None = None,
                   progress: bool = False) -> np.ndarray:
     """Full re-ranked score rows [Q,G] from ITC scores [Q,G]: the top-k re-scored and fused, the rest below.
 
