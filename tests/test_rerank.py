@@ -83,3 +83,15 @@ def test_rerank_candidates_with_missing_slots(setup):
     itc = np.array([[0.9, 0.8, -1.0], [0.5, 0.4, 0.3]], dtype=np.float32)
     itm, fused = rerank_candidates(model, enc.tokens[:2], enc.mask[:2], tokens, cands, itc)
     assert np.isnan(itm[0, 2]) and fused[0, 2] == -np.inf and np.isfinite(fused[1]).all()
+
+
+def test_top_k_chunked_equals_whole(monkeypatch):
+    import tpas.search.rerank as rr
+
+    s = np.random.default_rng(5).integers(0, 4, (37, 11)).astype(np.float32)  # many ties
+    whole = top_k(s, 5)
+    monkeypatch.setattr(rr, "TOP_K_CELLS", 30)  # 2 rows per chunk
+    chunked = top_k(s, 5)
+    np.testing.assert_array_equal(whole[0], chunked[0])
+    ref = np.argsort(-s, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(whole[0], ref)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_K = 128
 DEFAULT_WEIGHT = 0.002
 ITM_MODES = ("logit", "prob")
+TOP_K_CELLS = 1 << 23  # score cells per chunk in top_k (~8M: some 100 MB of temporaries)
 
 
 def default_itm_batch(device) -> int:
@@ -54,11 +55,15 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(int(k), g)
     if k <= 0:
         return np.zeros((q, 0), np.int64), np.zeros((q, 0), scores.dtype)
+    rows = max(1, TOP_K_CELLS // max(1, g))
+    if q > rows:  # bounded working memory: a few temporaries of rows x g per chunk
+        parts = [top_k(scores[s:s + rows], k) for s in range(0, q, rows)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]
     above = scores > kth
     need = k - above.sum(axis=1, keepdims=True)
     tied = scores == kth
-    take = above | (tied & (np.cumsum(tied, axis=1) <= need))
+    take = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= need))
     cols = np.nonzero(take)[1].reshape(q, k)  # ascending column order within each row
     vals = np.take_along_axis(scores, cols, axis=1)
     order = np.argsort(-vals, axis=1, kind="stable")
