@@ -168,6 +168,8 @@ def test_bad_options_are_named():
         create_model("lite-tiny", no_such_option=1)
     with pytest.raises(ValueError, match="image_tower"):
         create_model("lite-tiny", image_tower="resnet")
+    with pytest.raises(ValueError, match="pretrained=False"):
+        create_model("lite-tiny", pretrained=True)  # 32-wide text tower vs MiniLM's 384
 
 
 def test_mlm_logits_predict_over_the_vocab_and_train():

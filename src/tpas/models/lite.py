@@ -106,7 +106,10 @@ def build_text_tower(config: LiteConfig) -> nn.Module:
 def _load_state(module: nn.Module, state: dict[str, torch.Tensor], what: str, ignore: tuple[str, ...] = ()) -> None:
     """Strict load except for keys starting with ``ignore`` (heads the tower does not have)."""
     state = {k: v for k, v in state.items() if not k.startswith(ignore)}
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: the config was changed away from the pretrained tower
+        raise ValueError(f"{what} do not fit this config (use pretrained=False for other sizes): {exc}") from None
     # position_ids is a buffer some transformers versions keep and others drop
     missing = [k for k in missing if not k.endswith("position_ids")]
     unexpected = [k for k in unexpected if not k.endswith("position_ids")]
