@@ -4,7 +4,9 @@
 #   benchmarks/demo_time.sh [REPO] [-- extra tpas demo args]
 #
 # REPO defaults to this checkout (its committed HEAD is cloned, so uncommitted edits are not timed).
-# Writes benchmarks/results/demo_time.{json,md} and the demo's results table; keeps the clone's log.
+# Writes benchmarks/results/demo_time.{json,md} and the demo's results table; the make log goes to
+# benchmarks/results/tmp/demo_time.log. KEEP=1 keeps the clone (and its runs/demo) for a look or a
+# screenshot:  TPAS_BROWSER_RUN=<clone>/runs/demo TPAS_SCREENSHOT=docs/screenshot.png pytest tests/test_browser.py
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="${1:-$(dirname "$here")}"
@@ -48,4 +50,4 @@ md = (f"# make demo from a fresh clone\n\ncommit {commit}, {cpus} CPUs, extra ar
 open(f"{out}/demo_time.md", "w").write(md)
 print(md)
 PY
-rm -rf "$work"
+if [ "${KEEP:-0}" = 1 ]; then echo "kept the clone: $work/tpas (demo run: $run)"; else rm -rf "$work"; fi
