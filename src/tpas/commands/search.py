@@ -48,16 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def pick_device(device: str | None) -> str:
-    """``--device`` if given; under ``accelerate launch`` this process's device; else cuda/cpu."""
+    """``--device`` if given; under a multi-process launch ``cuda:LOCAL_RANK``; else cuda or cpu."""
     import torch
 
     if device:
         return device
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        from accelerate import PartialState
-
-        return str(PartialState().device)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one GPU per process on this node
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cuda"
 
 
 def load_model(name_or_dir: str, device: str | None = None):

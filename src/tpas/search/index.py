@@ -125,11 +125,15 @@ def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def _barrier(world_size: int) -> None:
+    """Wait for every process. Uses the launcher's process group (accelerate/torchrun) when there is
+    one, else joins a gloo group from the env:// variables (RANK, WORLD_SIZE, MASTER_ADDR/PORT)."""
     if world_size <= 1:
         return
-    from accelerate import PartialState
+    import torch.distributed as dist
 
-    PartialState().wait_for_everyone()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    dist.barrier()
 
 
 def shard_name(rank: int, world_size: int) -> str:
