@@ -147,3 +147,14 @@ def test_two_processes_under_a_process_group(model, gallery, tmp_path):
     single = open_index(build_index(model, gallery_from_folder(root), root, tmp_path / "one", progress=False))
     assert index.ids == single.ids
     np.testing.assert_allclose(index.embeds, single.embeds, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_faiss_kinds(model, gallery, tmp_path, kind):
+    root, images = gallery
+    out = build_index(model, images, root, tmp_path / "idx", progress=False)
+    build_index(model, images, root, out, faiss_kind=kind, progress=False)  # same encodings, new FAISS only
+    index = open_index(out, model)
+    assert index.meta["faiss"] == kind
+    scores, rows = index.search(index.embeds[[2, 5]], k=3)
+    assert rows[:, 0].tolist() == [2, 5]

@@ -241,6 +241,15 @@ def _build_faiss(embeds: np.ndarray, kind: str):
     return index
 
 
+def _write_faiss(out: Path, embeds: np.ndarray, kind: str) -> None:
+    import faiss
+
+    index = _build_faiss(embeds, kind)
+    with atomic_path(out / FAISS_FILE) as tmp:
+        faiss.write_index(index, str(tmp))
+    log.info("wrote %s FAISS index over %d embeddings", kind, len(embeds))
+
+
 def build_index(model, images: Sequence[GalleryImage], root: str | Path, out: str | Path, *,
                 batch_size: int = 64, workers: int = 0, chunk_size: int = 2048, faiss_kind: str = "flat",
                 keep_tokens: bool = True, overwrite: bool = False, progress: bool = True,
@@ -270,6 +279,9 @@ def build_index(model, images: Sequence[GalleryImage], root: str | Path, out: st
         same = meta.get("model_sha256") == fingerprint and meta.get("gallery_sha256") == state["gallery_sha256"]
         if same and not overwrite:
             log.info("index %s is already complete for this model and gallery", out)
+            if meta.get("faiss") != faiss_kind and rank == 0:  # only the search structure changes
+                _write_faiss(out, np.load(out / EMBEDS), faiss_kind)
+                write_json(meta_path, {**meta, "faiss": faiss_kind})
             return out
         if not overwrite:
             raise TpasError(f"{out} already holds an index for another "
@@ -313,11 +325,7 @@ def _merge(model, images, root: Path, out: Path, state: dict, world_size: int, f
             np.save(fh, embeds)
     write_json(out / ITEMS, [{"id": g.image_id, "image": g.image, "target": g.target,
                               "behaviour": g.behaviour.value} for g in images], indent=None)
-    import faiss
-
-    index = _build_faiss(embeds, faiss_kind)
-    with atomic_path(out / FAISS_FILE) as tmp:
-        faiss.write_index(index, str(tmp))
+    _write_faiss(out, embeds, faiss_kind)
     meta = {
         **state,
         "model_family": getattr(model, "family", type(model).__name__),
