@@ -117,7 +117,8 @@ def write_report(path: str | Path, evalset: EvalSet, rows: Sequence[ReportRow], 
 <style>{STYLE}</style><style>:root{{--h:{int(thumb_height)}px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(evalset.name)}: {len(evalset.queries)} queries, {len(evalset.gallery)} gallery images.
-Green frame = true match, red = wrong image; the number under each image is its final score.</p>
+Green frame = true match, red = wrong image; the number under each image is its score (fused ITM+ITC
+when re-ranked, else ITC; query-set post-processing changes the order, not these numbers).</p>
 {_metrics_table(metrics or {})}
 <ul>{facts}</ul>
 {''.join(blocks)}

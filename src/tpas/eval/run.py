@@ -147,6 +147,8 @@ def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_d
         if scratch is not None:
             scratch.cleanup()
     t0 = time.perf_counter()
+    sample = sample_queries(evalset, report_queries, seed)
+    shown = scores[sample].copy()  # the report shows similarity scores, not post-processing's order-only values
     if post != "none":
         scores = postprocess(scores, post, text_embeds, **post_options)
     timings["post_s"] = time.perf_counter() - t0
@@ -166,17 +168,16 @@ def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_d
         timings["metrics_s"] = time.perf_counter() - t0
     else:
         log.info("%s has no ground truth: no metrics", evalset.name)
-    top_rows, top_scores = _top_rows(scores, TOP)
+    top_rows, _ = _top_rows(scores, TOP)
     outputs: dict[str, str] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if is_challenge(evalset):
             outputs["answer"] = str(_write_answer(out / "answer.txt", evalset, top_rows, result))
-        sample = sample_queries(evalset, report_queries, seed)
         from tpas.eval.report import ReportRow, write_report
 
         ranks = _first_positive_ranks(scores, evalset, sample)
-        rows = [ReportRow(q, top_rows[q], top_scores[q], rank) for q, rank in zip(sample, ranks)]
+        rows = [ReportRow(q, top_rows[q], shown[i, top_rows[q]], rank) for i, (q, rank) in enumerate(zip(sample, ranks))]
         outputs["report"] = str(write_report(out / "report.html", evalset, rows, metrics=result, settings=settings,
                                              title=f"tpas retrieval report: {evalset.name}"))
         outputs["metrics"] = str(out / "metrics.json")
