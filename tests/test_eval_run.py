@@ -105,3 +105,19 @@ def test_cli_index_search_eval(model, tmp_path, capsys):
     other_dir = other.save_pretrained(tmp_path / "other")
     assert main(["search", "--index", str(tmp_path / "idx"), "--model", str(other_dir), "x"]) == 2
     assert "different model" in capsys.readouterr().err
+
+
+def test_cli_eval_on_generated_minipab_challenge(model, tmp_path, capsys):
+    from tpas.data.synth.writer import generate
+
+    root = tmp_path / "minipab"
+    generate(root, identities=30, seed=1, size=(64, 32))
+    model_dir = model.save_pretrained(tmp_path / "model")
+    assert main(["eval", "--model", str(model_dir), "--data", str(root), "--split", "challenge",
+                 "--out", str(tmp_path / "ch"), "--workers", "0", "--rerank", "5"]) == 0
+    out = capsys.readouterr().out
+    n_queries = len((root / "challenge" / "query.json").read_text().splitlines())
+    answer = (tmp_path / "ch" / "answer.txt").read_text().splitlines()
+    assert len(answer) == n_queries and "answer.txt" in out
+    saved = json.loads((tmp_path / "ch" / "metrics.json").read_text())
+    assert saved["answer_scores"]["R@1"] == pytest.approx(saved["R@1"])

@@ -172,7 +172,9 @@ def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_d
     outputs: dict[str, str] = {}
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        if is_challenge(evalset):
+        if is_challenge(evalset) and len(evalset.gallery) < TOP:
+            log.warning("gallery has %d images: answer.txt needs %d per query; not written", len(evalset.gallery), TOP)
+        elif is_challenge(evalset):
             outputs["answer"] = str(_write_answer(out / "answer.txt", evalset, top_rows, result))
         from tpas.eval.report import ReportRow, write_report
 
