@@ -271,3 +271,14 @@ def test_two_processes_gloo_stay_in_sync_and_itc_equals_single_process(tiny_pab,
     grads = torch.tensor(r0["grad_img"] + r1["grad_img"]) / 2
     assert torch.allclose(grads, img.grad, atol=1e-5)
     assert r0["grad_temp"] == pytest.approx(temp.grad.item(), rel=1e-4)
+
+
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
+    from tpas.cli import main
+
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.yaml: config file not found" in err[0]
+    cfg = write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "run")
+    assert main(["train", "--config", str(cfg), "loss.itx=1"]) == 2
+    assert "unknown key(s) ['itx']" in capsys.readouterr().err
