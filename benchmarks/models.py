@@ -1,9 +1,10 @@
 """Model sizes and encode throughput: parameters, images/s, texts/s and ITM pairs/s.
 
 CPU (default): ``lite`` and a small X-VLM (``xvlm-small``, skipped with a note if that family is not
-installed), fp32, ``--threads`` torch threads, at each model's own input size:
+installed), fp32, for each of ``--threads`` torch thread counts, at each model's own input size:
 
     .venv/bin/python benchmarks/models.py                        # lite + xvlm-small on 2 threads
+    .venv/bin/python benchmarks/models.py --threads 1 2          # 1 thread is robust on a busy machine
     .venv/bin/python benchmarks/models.py --models lite lite-tiny clip-tiny --seconds 2
 
 GPU (``--gpu``): ``xvlm-base`` (random weights: speed does not depend on them) in bfloat16 on
@@ -111,14 +112,14 @@ def bench_model(name: str, device: str, dtype: torch.dtype, image_batch: int, te
 
 def markdown(rows: list[dict], header: str) -> str:
     gpu = any("peak_gpu_mem_GiB" in r for r in rows)
-    cols = ["model", "params (M)", "input HxW", "image tokens", "images/s", "texts/s", "ITM pairs/s"]
+    cols = ["model", "threads", "params (M)", "input HxW", "image tokens", "images/s", "texts/s", "ITM pairs/s"]
     cols += ["peak GPU GiB"] if gpu else ["images/CPU-s", "texts/CPU-s", "ITM pairs/CPU-s"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['model']} | skipped: {r['skipped']} |" + " |" * (len(cols) - 2))
             continue
-        cells = [r["model"], f"{r['params_total_M']:.1f}", "x".join(map(str, r["image_size"])),
+        cells = [r["model"], str(r.get("threads") or "-"), f"{r['params_total_M']:.1f}", "x".join(map(str, r["image_size"])),
                  "x".join(map(str, r["image_tokens"])), f"{r['images_per_s']:.1f}", f"{r['texts_per_s']:.1f}",
                  f"{r['itm_pairs_per_s']:.1f}"]
         if gpu:
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", help="model names (default: lite xvlm-small; with --gpu: xvlm-base)")
     parser.add_argument("--gpu", action="store_true", help="run on cuda:0 in bfloat16 (default models: xvlm-base)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU torch threads (default 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2],
+                        help="CPU torch thread counts to measure, e.g. 1 2 (default 2)")
     parser.add_argument("--image-batch", type=int, help="images per batch (default 16 CPU, 256 GPU)")
     parser.add_argument("--text-batch", type=int, help="texts per batch (default 64 CPU, 1024 GPU)")
     parser.add_argument("--seconds", type=float, default=5.0, help="timing budget per measurement (default 5)")
@@ -150,22 +152,25 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         where = f"{torch.cuda.get_device_name(0)}, bfloat16"
     else:
-        torch.set_num_threads(args.threads)
         device, dtype, names = "cpu", torch.float32, args.models or ["lite", "xvlm-small"]
         image_batch, text_batch = args.image_batch or 16, args.text_batch or 64
-        where = f"CPU {platform.processor() or platform.machine()}, {args.threads} threads, float32"
+        where = f"CPU {platform.processor() or platform.machine()}, float32"
 
     rows = []
-    for name in names:
-        try:
-            row = bench_model(name, device, dtype, image_batch, text_batch, args.seconds)
-        except KeyError as exc:  # e.g. the xvlm family is not installed in this checkout
-            print(f"{name}: skipped ({exc.args[0] if exc.args else exc})", file=sys.stderr)
-            rows.append({"model": name, "skipped": str(exc.args[0] if exc.args else exc)})
-            continue
-        rows.append(row)
-        print(f"{name}: {row['images_per_s']:.1f} images/s, {row['texts_per_s']:.1f} texts/s, "
-              f"{row['itm_pairs_per_s']:.1f} ITM pairs/s", file=sys.stderr)
+    for threads in ([None] if args.gpu else args.threads):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        for name in names:
+            try:
+                row = bench_model(name, device, dtype, image_batch, text_batch, args.seconds)
+            except KeyError as exc:  # e.g. the xvlm family is not installed in this checkout
+                print(f"{name}: skipped ({exc.args[0] if exc.args else exc})", file=sys.stderr)
+                rows.append({"model": name, "skipped": str(exc.args[0] if exc.args else exc)})
+                continue
+            row["threads"] = threads
+            rows.append(row)
+            print(f"{name} ({threads or 'gpu'}): {row['images_per_s']:.1f} images/s, {row['texts_per_s']:.1f} "
+                  f"texts/s, {row['itm_pairs_per_s']:.1f} ITM pairs/s", file=sys.stderr)
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     header = (f"Model encode throughput ({where}; torch {torch.__version__}; image batch {image_batch}, "
