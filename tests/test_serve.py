@@ -340,3 +340,60 @@ def test_busy_port_is_a_clear_error():
             bind_socket("127.0.0.1", port)
     finally:
         first.close()
+
+
+class BatchingEngine(FakeEngine):
+    """FakeEngine with ``search_batch``: records each call's (number of texts, rerank)."""
+
+    def __init__(self, paths, delay=0.0):
+        super().__init__(paths, delay)
+        self.batches: list[tuple[int, int]] = []
+
+    def search_batch(self, texts, k=10, rerank=0):
+        self.batches.append((len(texts), rerank))
+        if self.delay:
+            time.sleep(self.delay)
+        return [FakeEngine.search(self, t, k=k, rerank=rerank) for t in texts]
+
+
+def test_concurrent_queries_share_model_calls(gallery):
+    import httpx
+
+    engine = BatchingEngine(gallery, delay=0.3)
+    reference = FakeEngine(gallery)
+    app = create_app(engine, max_batch=4)
+    requests = [(f"person {i}", 1 + i % 5, (i % 2) * 3) for i in range(10)]
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.gather(*(c.get("/api/search", params={"q": q, "k": k, "rerank": r})
+                                          for q, k, r in requests))
+
+    responses = asyncio.run(scenario())
+    assert all(r.status_code == 200 for r in responses)
+    for (q, k, rerank), r in zip(requests, responses):
+        body = r.json()
+        expected = reference.search(q, k=k, rerank=rerank)
+        assert [h["id"] for h in body["results"]] == [h.image_id for h in expected]
+        assert [h["itm_score"] for h in body["results"]] == [h.itm_score for h in expected]
+        assert body["k"] == k and body["rerank"] == rerank and 1 <= body["batch"] <= 4
+    assert sum(n for n, _ in engine.batches) == 10 and len(engine.batches) < 10
+    assert max(n for n, _ in engine.batches) <= 4
+
+
+def test_batched_real_engine_matches_single_search(tiny_engine):
+    from tpas.serve.batching import SearchBatcher
+
+    texts = ["a man in a red jacket", "a woman is running", "someone falls off a bicycle", "a man in a red jacket"]
+
+    async def scenario():
+        batcher = SearchBatcher(tiny_engine, max_batch=8)
+        return await asyncio.gather(*(batcher.search(t, 3 + i, 5) for i, t in enumerate(texts))), batcher.calls
+
+    results, calls = asyncio.run(scenario())
+    assert calls < len(texts)
+    for i, (text, (hits, _, batch)) in enumerate(zip(texts, results)):
+        single = tiny_engine.search(text, k=3 + i, rerank=5)
+        assert [h.image_id for h in hits] == [h.image_id for h in single]
+        assert [h.score for h in hits] == pytest.approx([h.score for h in single], abs=1e-4)

@@ -6,15 +6,14 @@ fake engine and ``tpas serve`` hands it a real :class:`tpas.search.engine.Search
 
 Security model: image ids are looked up in the engine's index and never joined into a path, so a
 request can only ever read a file the index already lists. Model inference runs in the
-threadpool (one call at a time, behind a lock) so the event loop keeps answering while the model
-works.
+threadpool, one call at a time, so the event loop keeps answering while the model works; queries
+that arrive meanwhile share the next call (``SearchBatcher``).
 """
 
 from __future__ import annotations
 
 import logging
 import mimetypes
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Protocol, Sequence
 from urllib.parse import quote
 
 from tpas.errors import TpasError
+from tpas.serve.batching import SearchBatcher
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +105,14 @@ def create_app(
     limits: Limits | None = None,
     title: str = "tpas — text-based person anomaly search",
     info: dict[str, Any] | None = None,
+    max_batch: int = 16,
 ):
     """Build the FastAPI app. ``examples`` are clickable queries on the page; ``info`` is shown by
-    ``/healthz`` (e.g. model and index paths, gallery size)."""
+    ``/healthz`` (e.g. model and index paths, gallery size); ``max_batch`` caps how many waiting
+    queries share one model call (1 = no batching; see :mod:`tpas.serve.batching`)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     limits = limits or Limits()
@@ -121,7 +122,7 @@ def create_app(
         limits = replace(limits, max_rerank=0)
     example_list = [e for e in (examples if examples is not None else DEFAULT_EXAMPLES) if e.strip()]
     example_list = [e[: limits.max_query_chars] for e in example_list]
-    model_lock = threading.Lock()  # torch modules are not guaranteed thread-safe; one search at a time
+    batcher = SearchBatcher(engine, max_batch=max_batch)  # inference in the threadpool, one call at a time
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
 
@@ -143,12 +144,6 @@ def create_app(
 
     app.add_middleware(SecurityHeaders)
 
-    def run_search(text: str, k: int, rerank: int) -> tuple[list[Any], float]:
-        with model_lock:
-            start = time.perf_counter()
-            hits = engine.search(text, k=k, rerank=rerank)
-            return hits, (time.perf_counter() - start) * 1000.0
-
     @app.get("/api/search")
     async def api_search(
         q: str = Query(..., min_length=1, max_length=limits.max_query_chars, description="text description"),
@@ -160,7 +155,7 @@ def create_app(
             return reason(422, "q: the query is empty", detail=[{"field": "q", "message": "empty query"}])
         received = time.perf_counter()
         try:
-            hits, model_ms = await run_in_threadpool(run_search, text, k, rerank)
+            hits, model_ms, batch_size = await batcher.search(text, k, rerank)
         except (ValueError, TpasError) as exc:  # the engine refused this input (e.g. no text tokens)
             return reason(422, f"q: {exc}", detail=[{"field": "q", "message": str(exc)}])
         except Exception:
@@ -173,6 +168,7 @@ def create_app(
             "rerank": rerank,
             "latency_ms": round(latency_ms, 2),
             "search_ms": round(model_ms, 2),
+            "batch": batch_size,
             "results": [hit_to_json(h) for h in hits],
         })
 
