@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     model = create_model(name, checkpoint=args.checkpoint, **overrides)
     text_layers, image_blocks = args.train_text_layers, args.train_image_blocks
     if not args.gpu and name == "lite" and text_layers is None and image_blocks is None:
-        text_layers, image_blocks = 2, 3  # what configs/minipab-lite.yaml trains
+        text_layers, image_blocks = 2, 4  # what configs/minipab-lite.yaml trains
     if hasattr(model, "set_trainable") and (text_layers is not None or image_blocks is not None):
         model.set_trainable(-1 if text_layers is None else text_layers, -1 if image_blocks is None else image_blocks)
     model.to(device)
@@ -138,7 +138,8 @@ def main(argv=None) -> dict:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_speed_{'gpu' if args.gpu else 'cpu'}_{name}"
+    stem = (f"train_speed_{'gpu' if args.gpu else 'cpu'}_{name}_b{batch}"
+            f"{'' if args.gpu else f'_t{args.threads}'}{'_hard' if result['hard_pairs'] else ''}")
     from tpas.utils.io import write_json, write_text
 
     write_json(out / f"{stem}.json", result)

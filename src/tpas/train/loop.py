@@ -441,8 +441,11 @@ class Trainer:
         return self.out
 
 
-def evaluate_itc(model, evalset, batch_size: int = 64) -> dict[str, float]:
-    """Text-to-image ITC retrieval metrics of ``model`` on an EvalSet (no re-ranking)."""
+def evaluate_itc(model, evalset, batch_size: int = 64, groups: bool = False) -> dict[str, float]:
+    """Text-to-image ITC retrieval metrics of ``model`` on an EvalSet (no re-ranking).
+
+    With ``groups``, per-behaviour figures are added as ``"<metric>/<group>"`` (e.g. ``R@1/anomaly``).
+    """
     from tpas.eval.metrics import evaluate
     from tpas.search.encode import encode_images, encode_texts
 
@@ -450,8 +453,12 @@ def evaluate_itc(model, evalset, batch_size: int = 64) -> dict[str, float]:
                            progress=False)
     texts = encode_texts(model, [q.caption for q in evalset.queries], batch_size=batch_size, progress=False)
     scores = texts.embeds @ images.embeds.T
-    result = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(), ks=(1, 5, 10))
-    return {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating))}
+    result = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(), ks=(1, 5, 10),
+                      query_groups=evalset.query_groups() if groups else None)
+    flat = {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating))}
+    for group, values in (result.get("groups") or {}).items():
+        flat.update({f"{k}/{group}": float(v) for k, v in values.items() if k in ("R@1", "R@5", "mAP")})
+    return flat
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
