@@ -129,6 +129,7 @@ def main(argv=None) -> dict:
         "peak_memory_MiB": round(torch.cuda.max_memory_allocated() / 2**20 if args.gpu else peak_rss_mib(), 1),
         "memory_kind": "cuda max_memory_allocated" if args.gpu else "process peak RSS",
         "torch": torch.__version__, "python": platform.python_version(),
+        "load_average": [round(x, 2) for x in __import__("os").getloadavg()],  # the machine may be shared
     }
     header = "| model | device | precision | batch | image | hard pairs | trainable M | s/step | samples/s | peak MiB |"
     row = (f"| {name} | {result['device']} | {result['precision']} | {batch} | {result['image_size'][0]}x"
