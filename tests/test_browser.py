@@ -6,7 +6,8 @@ when the browser or Playwright is missing: a page nobody has seen render is not 
 The screenshot goes to ``tmp_path``; set ``TPAS_SCREENSHOT=docs/screenshot.png`` to write it
 somewhere kept. The README picture is made over the demo's index instead of the tiny one::
 
-    TPAS_BROWSER_RUN=runs/demo TPAS_SCREENSHOT=docs/screenshot.png pytest tests/test_browser.py
+    TPAS_BROWSER_RUN=runs/demo TPAS_SCREENSHOT=docs/screenshot.png \
+    TPAS_BROWSER_QUERY="a person in a red top is crawling on all fours" pytest tests/test_browser.py
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def test_page_renders_results_in_chromium(tiny_search_engine, tmp_path):
     from tpas.serve.run import start_in_thread
 
     engine, examples = tiny_search_engine
-    example = examples[0]
+    example = os.environ.get("TPAS_BROWSER_QUERY") or examples[0]
     server = start_in_thread(create_app(engine, examples=examples))
     shot = tmp_path / "screenshot.png"
     errors: list[str] = []
@@ -59,29 +60,26 @@ def test_page_renders_results_in_chromium(tiny_search_engine, tmp_path):
                 assert page.title().startswith("tpas")
                 assert page.locator("#examples .ex").count() == len(examples)
 
+                # 1) an example query, re-ranked with ITM (the page's default), by clicking its chip
+                assert page.is_checked("#rerank")
+                page.locator("#examples .ex").last.click()
+                page.wait_for_selector("body[data-state=done]", timeout=30_000)
+                assert "re-ranked" in page.inner_text("#status")
+                assert page.input_value("#query") == examples[-1]
+                wait_for_images(page)
+
+                # 2) a typed query, ITC only: the picture kept for the README
+                page.evaluate("() => { delete document.body.dataset.state; }")
                 page.fill("#query", example)
                 page.uncheck("#rerank")
                 page.click("#go")
                 page.wait_for_selector("body[data-state=done]", timeout=30_000)
-                page.wait_for_function(
-                    "() => { const im = [...document.querySelectorAll('#results img')];"
-                    " return im.length > 0 && im.every(i => i.complete); }", timeout=30_000)
-                widths = page.eval_on_selector_all("#results img", "ims => ims.map(i => i.naturalWidth)")
-                assert len(widths) == min(10, engine_size(engine)) and all(w > 0 for w in widths), widths
+                widths = wait_for_images(page)
+                assert len(widths) == min(10, engine_size(engine)), widths
                 status = page.inner_text("#status")
                 assert "results for" in status and "ms" in status and "ITC only" in status
                 assert page.inner_text("#results .card .rank").strip() == "#1"
-
-                # an example query re-ranked with ITM, by clicking its chip
-                page.check("#rerank")
-                page.evaluate("() => { delete document.body.dataset.state; }")
-                page.locator("#examples .ex").first.click()
-                page.wait_for_selector("body[data-state=done]", timeout=30_000)
-                assert "re-ranked" in page.inner_text("#status")
-                assert page.input_value("#query") == example
-                page.wait_for_function(
-                    "() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)",
-                    timeout=30_000)
+                assert "q=" in page.url  # the query is in the address, so it can be shared
                 page.screenshot(path=str(shot), full_page=True)
             finally:
                 browser.close()
@@ -93,6 +91,16 @@ def test_page_renders_results_in_chromium(tiny_search_engine, tmp_path):
     if keep:
         Path(keep).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, keep)
+
+
+def wait_for_images(page) -> list[int]:
+    """Wait until every result image finished loading; return their decoded widths (all > 0)."""
+    page.wait_for_function(
+        "() => { const im = [...document.querySelectorAll('#results img')];"
+        " return im.length > 0 && im.every(i => i.complete); }", timeout=30_000)
+    widths = page.eval_on_selector_all("#results img", "ims => ims.map(i => i.naturalWidth)")
+    assert widths and all(w > 0 for w in widths), widths
+    return widths
 
 
 def engine_size(engine) -> int:
