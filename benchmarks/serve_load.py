@@ -6,6 +6,7 @@ cost), indexed once with the chosen model and reused on later runs.
 
     .venv/bin/python benchmarks/serve_load.py                       # 10,000 images, lite, 20 x 100
     .venv/bin/python benchmarks/serve_load.py --images 500 --model lite-tiny --clients 4 --queries 10
+    .venv/bin/python benchmarks/serve_load.py --max-batch 1 --out benchmarks/results/serve_load_nobatch
 
 Prints a table and saves benchmarks/results/serve_load.{json,md}. Any error fails the run (exit 1).
 """
@@ -87,10 +88,10 @@ def queries(n: int, seed: int) -> list[str]:
     return out
 
 
-def start_server(index: Path, model_dir: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(index: Path, model_dir: Path, threads: int, max_batch: int) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "tpas.cli", "serve", "--index", str(index), "--model", str(model_dir),
-           "--port", "0"]
+           "--port", "0", "--max-batch", str(max_batch)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 300
     assert proc.stdout is not None
@@ -120,6 +121,7 @@ async def run_load(url: str, texts: list[str], clients: int, per_client: int, k:
 
     latencies: list[float] = []
     server_ms: list[float] = []
+    batches: list[int] = []
     errors: list[str] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
@@ -139,6 +141,7 @@ async def run_load(url: str, texts: list[str], clients: int, per_client: int, k:
                     continue
                 latencies.append(elapsed)
                 server_ms.append(body["search_ms"])
+                batches.append(body.get("batch", 1))
             except Exception as exc:  # every failure counts, none is hidden
                 errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -155,6 +158,7 @@ async def run_load(url: str, texts: list[str], clients: int, per_client: int, k:
         "p50_ms": round(float(np.percentile(lat, 50)), 1), "p90_ms": round(float(np.percentile(lat, 90)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1), "max_ms": round(float(lat.max()), 1),
         "model_ms_p50": round(float(np.percentile(server_ms or [0], 50)), 1),
+        "batch_mean": round(float(np.mean(batches or [1])), 2),
     }
 
 
@@ -169,6 +173,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--rerank", type=int, nargs="+", default=[0, 16], help="re-rank depths to test (0 = ITC only)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads in the server")
+    ap.add_argument("--max-batch", type=int, default=16, help="server micro-batch cap (1 = one query per model call)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve_load")
     args = ap.parse_args()
 
@@ -182,7 +187,7 @@ def main() -> int:
     model_dir = build(images, index, args.model)
     print(f"gallery ready: {args.images} images, index {index} ({time.perf_counter() - t0:.0f} s)")
 
-    proc, url = start_server(index, model_dir, args.threads)
+    proc, url = start_server(index, model_dir, args.threads, args.max_batch)
     rows = []
     try:
         texts = queries(args.clients * args.queries, seed=1)
@@ -196,15 +201,16 @@ def main() -> int:
         proc.wait(timeout=30)
 
     setup = {"images": args.images, "model": args.model, "clients": args.clients, "queries_per_client": args.queries,
-             "k": args.k, "server_threads": args.threads, "cpus": os.cpu_count(), "machine": platform.machine(),
+             "k": args.k, "server_threads": args.threads, "max_batch": args.max_batch, "cpus": os.cpu_count(), "machine": platform.machine(),
              "python": platform.python_version(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    lines = [f"# serve load: {args.clients} clients x {args.queries} queries, {args.images}-image index ({args.model})",
+    lines = [f"# serve load: {args.clients} clients x {args.queries} queries, {args.images}-image index ({args.model}), "
+             f"max batch {args.max_batch}",
              "", f"setup: {json.dumps(setup)}", "",
-             "| re-rank | requests | errors | p50 ms | p90 ms | p99 ms | max ms | throughput q/s | model ms (p50) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| re-rank | requests | errors | p50 ms | p90 ms | p99 ms | max ms | throughput q/s | model call ms (p50) | batch (mean) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['rerank'] or 'off'} | {r['requests']} | {r['errors']} | {r['p50_ms']} | {r['p90_ms']} | "
-                     f"{r['p99_ms']} | {r['max_ms']} | {r['throughput_qps']} | {r['model_ms_p50']} |")
+                     f"{r['p99_ms']} | {r['max_ms']} | {r['throughput_qps']} | {r['model_ms_p50']} | {r['batch_mean']} |")
     table = "\n".join(lines) + "\n"
     print(table)
     write_json(args.out.with_suffix(".json"), {"setup": setup, "rows": rows})

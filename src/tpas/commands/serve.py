@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
     p.add_argument("--max-rerank", type=int, default=100, help="largest ITM re-rank depth a request may ask for")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most waiting queries answered by one model call (1 = no batching; default 16)")
     p.set_defaults(func=run)
 
 
@@ -24,6 +26,6 @@ def run(args: argparse.Namespace) -> int:
     from tpas.serve.run import build_app_for, read_examples, serve_forever
 
     app = build_app_for(args.index, args.model, examples=read_examples(args.examples), device=args.device,
-                        limits=Limits(max_k=args.max_k, max_rerank=args.max_rerank))
+                        limits=Limits(max_k=args.max_k, max_rerank=args.max_rerank), max_batch=args.max_batch)
     serve_forever(app, host=args.host, port=args.port)
     return 0
