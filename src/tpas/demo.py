@@ -264,6 +264,16 @@ def write_report(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]) ->
         link = f"<a href=\"{html.escape(r['report'])}\">examples</a>" if (out / r["report"]).is_file() else ""
         body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}<td>{link}</td></tr>")
     facts = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in info.items())
+    timings = []
+    for marker in sorted((out / ".steps").glob("*.json")):
+        seconds = json.loads(marker.read_text(encoding="utf-8")).get("seconds")
+        timings.append(f"{html.escape(marker.stem)} {seconds} s")
+    if timings:
+        facts += f"<li><b>step times</b>: {', '.join(timings)}</li>"
+    preview = ""
+    if (out / "minipab" / "preview.png").is_file():
+        preview = ('<h2>The data</h2><p>A few generated identities (normal and anomalous image of each):</p>'
+                   '<img src="minipab/preview.png" alt="mini-PAB preview" style="max-width:100%">')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tpas demo report</title>
 <style>
@@ -280,6 +290,7 @@ query has exactly one positive image). ITM re-ranking re-scores the ITC top-K wi
 head; SCA then resolves queries that claim the same top-1 image.</p>
 <table><thead><tr><th>setting</th>{head}<th></th></tr></thead><tbody>{''.join(body)}</tbody></table>
 <h2>Run</h2><ul>{facts}</ul>
+{preview}
 <p>Search it yourself: <code>tpas serve --index {html.escape(str(out / 'index'))} --model {html.escape(str(out / 'model'))}</code></p>
 </body></html>
 """
