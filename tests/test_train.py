@@ -282,3 +282,23 @@ def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", tmp_path, tmp_path / "run")
     assert main(["train", "--config", str(cfg), "loss.itx=1"]) == 2
     assert "unknown key(s) ['itx']" in capsys.readouterr().err
+
+
+def test_grad_accum_without_validation_exports_last_as_best(tiny_pab, tmp_path):
+    from tpas.train import train
+
+    threads = torch.get_num_threads()
+    try:
+        cfg = load_config(write_config(tmp_path / "c.yaml", tiny_pab, tmp_path / "run", batch_size=2,
+                                       grad_accum=2, max_steps=3, checkpoint_every=0),
+                          ["val.every=-1", "data.group_batches=true", "loss.itm_hard_pairs=false"])
+        out = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3] and not any("val" in r for r in logs)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    from safetensors.torch import load_file
+
+    best = load_file(str(out / "best" / "model.safetensors"))
+    assert all(torch.equal(v, _weights(out)[k]) for k, v in best.items())

@@ -149,6 +149,7 @@ class Trainer:
         self.step_module, self.optimizer = acc.prepare(TrainStep(self.model, cfg.loss), self.optimizer)
         seed_everything(tcfg.seed + 1000 * (self.rank + 1))  # per-rank dropout / negative sampling
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best_r1": -1.0, "best_step": -1}
+        self.tb = None  # TensorBoard writer, opened by fit() when tensorboard is installed
         if resume:
             self._load_latest()
         elif acc.is_main_process and (self.out / CHECKPOINTS / LATEST).exists():
