@@ -79,10 +79,10 @@ def test_sampler_all_same_id_returns_minus_one_and_follows_softmax():
     sim = torch.tensor([[9.0, 2.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     ids = torch.tensor([0, 1, 2])
     g = torch.Generator().manual_seed(1)
-    draws = [sample_negatives(sim, ids, 1.0, generator=g)[0].item() for _ in range(2000)]
+    draws = [sample_negatives(sim, ids, 1.0, generator=g)[0].item() for _ in range(400)]
     assert 0 not in draws
     share = draws.count(1) / len(draws)
-    assert abs(share - math.exp(2) / (math.exp(2) + 1)) < 0.03
+    assert abs(share - math.exp(2) / (math.exp(2) + 1)) < 0.06  # ~3.7 standard deviations
 
 
 class _DotITM(torch.nn.Module):
