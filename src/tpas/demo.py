@@ -291,7 +291,7 @@ head; SCA then resolves queries that claim the same top-1 image.</p>
 <table><thead><tr><th>setting</th>{head}<th></th></tr></thead><tbody>{''.join(body)}</tbody></table>
 <h2>Run</h2><ul>{facts}</ul>
 {preview}
-<p>Search it yourself: <code>tpas serve --index {html.escape(str(out / 'index'))} --model {html.escape(str(out / 'model'))}</code></p>
+<p>Search it yourself: <code>tpas serve --index {html.escape(str(out / 'index'))} --model {html.escape(str(out / 'model'))} --examples {html.escape(str(out / 'examples.txt'))}</code></p>
 </body></html>
 """
     path = out / "report.html"
