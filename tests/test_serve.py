@@ -397,3 +397,48 @@ def test_batched_real_engine_matches_single_search(tiny_engine):
         single = tiny_engine.search(text, k=3 + i, rerank=5)
         assert [h.image_id for h in hits] == [h.image_id for h in single]
         assert [h.score for h in hits] == pytest.approx([h.score for h in single], abs=1e-4)
+
+
+def test_tpas_serve_command_end_to_end(tiny_engine, tmp_path):
+    """``tpas serve`` in its own process: announces a 127.0.0.1 address, answers, stops on SIGINT."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    model_dir = tiny_engine.model.save_pretrained(tmp_path / "model")
+    examples = tmp_path / "examples.txt"
+    examples.write_text("# comment\na man in a red jacket\n\na woman is running\n")
+    proc = subprocess.Popen([sys.executable, "-m", "tpas.cli", "serve", "--index", str(tiny_engine.index.directory),
+                             "--model", str(model_dir), "--port", "0", "--examples", str(examples)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = None
+        for line in proc.stdout:
+            match = re.search(r"search page at (http://\S+/)", line)
+            if match:
+                url = match.group(1)
+                break
+        assert url and url.startswith("http://127.0.0.1:"), url
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(url + "healthz", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "server never answered"
+                time.sleep(0.2)
+        assert health["gallery_size"] == 12
+        assert httpx.get(url + "api/examples").json()["examples"] == ["a man in a red jacket", "a woman is running"]
+        body = httpx.get(url + "api/search", params={"q": "a man", "k": 2, "rerank": 2}).json()
+        assert len(body["results"]) == 2 and body["results"][0]["itm_score"] is not None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0

@@ -81,7 +81,11 @@ def serve_forever(app: Any, host: str = "127.0.0.1", port: int = 8000,
         log.warning("listening on %s: the server is reachable from other machines (no authentication)", host)
     sock = bind_socket(host, port)
     announce(f"tpas: search page at {url_of(sock)}  (Ctrl-C to stop)")
-    _server(app, log_level="info").run(sockets=[sock])
+    try:
+        _server(app, log_level="info").run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled; stopping is the normal end
+        pass
+    announce("tpas: search server stopped")
 
 
 def read_examples(path: str | Path | None) -> list[str] | None:
