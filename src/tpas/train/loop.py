@@ -386,8 +386,9 @@ class Trainer:
                 micro += 1
                 sync = micro % accum == 0
                 ctx = acc.no_sync(model) if not sync and self.world > 1 else contextlib.nullcontext()
-                with ctx, acc.autocast():
-                    losses = model(batch)
+                with ctx:
+                    with acc.autocast():
+                        losses = model(batch)
                     acc.backward(losses["loss"] / accum)
                 for k, v in losses.items():
                     running[k] = running.get(k, 0.0) + float(v.detach()) / accum
@@ -423,10 +424,11 @@ class Trainer:
                 if cfg.val.every >= 0 and ((cfg.val.every > 0 and step % cfg.val.every == 0)
                                            or (cfg.val.every == 0 and epoch_end) or last):
                     self.validate()
+                    tick = time.perf_counter()  # samples/s counts training only
                 if (t.checkpoint_every > 0 and step % t.checkpoint_every == 0) or (
                         t.checkpoint_every == 0 and epoch_end) or last:
                     self._checkpoint()
-                    tick = time.perf_counter()  # do not count checkpoint time in samples/s
+                    tick = time.perf_counter()
                 if epoch_end or last:
                     break
             self.optimizer.zero_grad(set_to_none=True)  # drop a partial accumulation at epoch end
