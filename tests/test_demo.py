@@ -92,26 +92,3 @@ def test_demo_index_serves(demo_run):
     body = client.get("/api/search", params={"q": examples[0], "k": 3, "rerank": 2}).json()
     assert len(body["results"]) == 3
     assert client.get(body["results"][0]["url"]).headers["content-type"] == "image/jpeg"
-
-
-def test_reuse_query_scores_scores_each_depth_once(monkeypatch):
-    import numpy as np
-
-    import tpas.eval.run as eval_run
-    from tpas.demo import reuse_query_scores
-
-    calls = []
-
-    def fake(model, evalset, index, rerank=0, **kwargs):
-        calls.append(rerank)
-        return np.ones((2, 3), np.float32) * (rerank + 1), np.zeros((2, 4), np.float32)
-
-    monkeypatch.setattr(eval_run, "score_queries", fake)
-    model, evalset, index = object(), object(), [0, 1, 2]
-    with reuse_query_scores():
-        a, _ = eval_run.score_queries(model, evalset, index, rerank=4)
-        a[:] = -1  # a caller scribbling on its copy must not reach the cache
-        b, _ = eval_run.score_queries(model, evalset, index, rerank=4)
-        c, _ = eval_run.score_queries(model, evalset, index, rerank=0)
-    assert calls == [4, 0] and (b == 5).all() and (c == 1).all()
-    assert eval_run.score_queries is fake

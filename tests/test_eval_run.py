@@ -75,6 +75,37 @@ def test_rerank_and_post_run(model, tmp_path):
         assert res["num_queries"] == 12 and res["settings"]["post"] == post
 
 
+def test_score_cache_scores_once_and_stays_intact(model, tmp_path, monkeypatch):
+    import tpas.eval.run as eval_run
+
+    evalset = make_evalset(tmp_path / "data")
+    calls = []
+    original = eval_run.score_queries
+    monkeypatch.setattr(eval_run, "score_queries", lambda *a, **kw: calls.append(kw["rerank"]) or original(*a, **kw))
+    cache: dict = {}
+    index_dir = tmp_path / "index"
+    plain = run_eval(model, evalset, rerank=4, index_dir=index_dir, score_cache=cache, progress=False)
+    post = run_eval(model, evalset, rerank=4, post="dual_softmax", index_dir=index_dir, score_cache=cache,
+                    progress=False)
+    again = run_eval(model, evalset, rerank=4, index_dir=index_dir, score_cache=cache, progress=False)
+    assert calls == [4]  # scored once; the post-processed run did not alter the cached matrix
+    assert post["settings"]["post"] == "dual_softmax"
+    assert {k: again[k] for k in ("R@1", "mAP")} == {k: plain[k] for k in ("R@1", "mAP")}
+
+
+def test_model_carried_fusion_weight_is_used(model, tmp_path):
+    from tpas.search.rerank import DEFAULT_WEIGHT, resolve_weight
+
+    evalset = make_evalset(tmp_path / "data")
+    assert resolve_weight(model, None) == DEFAULT_WEIGHT and resolve_weight(model, 0.5) == 0.5
+    model.config.rerank_weight = 7.0
+    try:
+        res = run_eval(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
+    finally:
+        model.config.rerank_weight = None
+    assert res["settings"]["fusion_weight"] == 7.0
+
+
 def test_challenge_writes_answer(model, tmp_path):
     masked = make_evalset(tmp_path / "data", name="pab-challenge:tiny")
     masked.queries = [Query(q.query_id, q.caption, None) for q in masked.queries]

@@ -95,3 +95,20 @@ def test_top_k_chunked_equals_whole(monkeypatch):
     np.testing.assert_array_equal(whole[0], chunked[0])
     ref = np.argsort(-s, axis=1, kind="stable")[:, :5]
     np.testing.assert_array_equal(whole[0], ref)
+
+
+def test_calibrate_weight_picks_the_fusion_that_ranks_positives_first():
+    from tpas.search.rerank import DEFAULT_WEIGHT, calibrate_weight
+
+    # candidates in ITC order; the positive is column 0 for every query
+    itc = np.array([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5], [0.9, 0.2, 0.1]], np.float32)
+    positives = np.zeros_like(itc, dtype=bool)
+    positives[:, 0] = True
+    weak_itm = np.array([[0.0, 1.0, 0.5], [0.2, 0.9, 0.0], [1.0, 0.0, 0.0]], np.float32)  # right once in three
+    weight, table = calibrate_weight(weak_itm, itc, positives, grid=(DEFAULT_WEIGHT, 1.0, 10.0))
+    assert table[DEFAULT_WEIGHT] == pytest.approx(100 / 3) and table[10.0] == 100.0 and weight == 10.0
+    good_itm = itc[:, ::-1] * 0 + np.array([1.0, 0.0, 0.0], np.float32)  # ITM always right
+    weight, table = calibrate_weight(good_itm, itc, positives, grid=(DEFAULT_WEIGHT, 1.0, 10.0))
+    assert all(v == 100.0 for v in table.values()) and weight == DEFAULT_WEIGHT  # ties: closest to upstream
+    with pytest.raises(ValueError):
+        calibrate_weight(good_itm, itc[:, :2], positives)

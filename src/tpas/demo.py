@@ -24,8 +24,6 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -170,53 +168,21 @@ def evaluate(opts: DemoOptions, data_dir: Path, model_dir: Path, index_dir: Path
     evalset = load_eval(data_dir, "pab", "test")
     rows = []
     models: dict[bool, Any] = {}
-    with reuse_query_scores():
-        for s in settings_for(opts):
-            out = eval_dir / s.name
-            if (out / "metrics.json").is_file():
-                log.info("[demo] eval %-12s already done", s.name)
-                metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-            else:
-                if s.trained not in models:
-                    models[s.trained] = load_model(model_dir if s.trained else "lite")
-                log.info("[demo] eval %-12s (%s)", s.name, s.label)
-                metrics = run_eval(models[s.trained], evalset, rerank=s.rerank, post=s.post, out_dir=out,
-                                   index_dir=index_dir if s.trained else None, workers=opts.workers)
-            rows.append({**asdict(s), "metrics": pick_metrics(metrics), "report": f"eval/{s.name}/report.html"})
-    return rows
-
-
-@contextmanager
-def reuse_query_scores() -> Iterator[None]:
-    """Score each (model, re-rank depth) once for the whole table.
-
-    ``run_eval`` scores every query for every call, but "+ SCA" only post-processes the scores of
-    "+ ITM re-rank", and ITM re-ranking is the most expensive part of the demo on a CPU. This
-    memoises ``tpas.eval.run.score_queries`` for the duration of the table (copies out, so
-    post-processing can never alter a cached matrix).
-    """
-    import tpas.eval.run as eval_run
-
-    original = getattr(eval_run, "score_queries", None)
-    if original is None:  # the pipeline changed shape: just pay the full price
-        yield
-        return
-    cache: dict[tuple, tuple[Any, Any]] = {}
-
-    def cached(model, evalset, index, rerank: int = 0, **kwargs):
-        key = (id(model), id(evalset), len(index), rerank, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = original(model, evalset, index, rerank=rerank, **kwargs)
+    caches: dict[bool, dict] = {}  # per model: "+ SCA" re-uses the scores of "+ ITM re-rank" (ITM is the costly part)
+    for s in settings_for(opts):
+        out = eval_dir / s.name
+        if (out / "metrics.json").is_file():
+            log.info("[demo] eval %-12s already done", s.name)
+            metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
         else:
-            log.info("[demo] reusing the query scores of re-rank depth %d", rerank)
-        scores, text_embeds = cache[key]
-        return scores.copy(), text_embeds.copy()
-
-    eval_run.score_queries = cached
-    try:
-        yield
-    finally:
-        eval_run.score_queries = original
+            if s.trained not in models:
+                models[s.trained] = load_model(model_dir if s.trained else "lite")
+            log.info("[demo] eval %-12s (%s)", s.name, s.label)
+            metrics = run_eval(models[s.trained], evalset, rerank=s.rerank, post=s.post, out_dir=out,
+                               index_dir=index_dir if s.trained else None, workers=opts.workers,
+                               score_cache=caches.setdefault(s.trained, {}))
+        rows.append({**asdict(s), "metrics": pick_metrics(metrics), "report": f"eval/{s.name}/report.html"})
+    return rows
 
 
 def pick_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="test | ucc | challenge (pab); test | val (tbps)")
     p.add_argument("--rerank", type=int, default=0, help="ITM re-rank depth (e.g. 128; 0 = ITC only)")
     p.add_argument("--itm", default="logit", choices=("logit", "prob"), help="ITM score used in fusion")
-    p.add_argument("--weight", type=float, default=0.002, help="ITC weight in the fusion (default 0.002)")
+    p.add_argument("--weight", type=float, default=None,
+                   help="ITC weight in the fusion (default: the model's calibrated weight, else upstream 0.002)")
     p.add_argument("--post", default="none", choices=("none", "sca", "one_to_one", "dual_softmax"),
                    help="query-set post-processing; valid only when one image answers at most one query (PAB)")
     p.add_argument("--post-option", action="append", default=[], metavar="KEY=VALUE",

@@ -19,7 +19,7 @@ import numpy as np
 
 from tpas.data.records import EvalSet
 from tpas.search.postprocess import POST_METHODS, postprocess
-from tpas.search.rerank import DEFAULT_WEIGHT, rerank_scores, top_k
+from tpas.search.rerank import DEFAULT_WEIGHT, rerank_scores, resolve_weight, top_k
 from tpas.utils.io import write_json
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,9 @@ def sample_queries(evalset: EvalSet, n: int, seed: int = 0) -> list[int]:
 
 def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_dir: str | Path | None = None, *,
              index_dir: str | Path | None = None, post_options: dict[str, Any] | None = None,
-             itm_mode: str = "logit", weight: float = DEFAULT_WEIGHT, batch_size: int = 64, workers: int = 0,
+             itm_mode: str = "logit", weight: float | None = None, batch_size: int = 64, workers: int = 0,
              query_chunk: int = 512, itm_batch_size: int | None = None, report_queries: int = 24, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             score_cache: dict | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` on ``evalset``; write ``metrics.json``, ``report.html`` (and ``answer.txt``) to ``out_dir``.
 
     ``rerank`` = ITC top-k re-scored by ITM (0 = ITC only); ``post`` = none | sca | one_to_one |
@@ -123,6 +123,7 @@ def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_d
     if not evalset.queries or not evalset.gallery:
         raise ValueError(f"{evalset.name}: nothing to evaluate ({len(evalset.queries)} queries, "
                          f"{len(evalset.gallery)} gallery images)")
+    weight = resolve_weight(model, weight)
     out = Path(out_dir) if out_dir is not None else None
     scratch = None
     if index_dir is None:
@@ -139,9 +140,16 @@ def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_d
                               workers=workers, progress=progress)
         timings["gallery_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        scores, text_embeds = score_queries(model, evalset, index, rerank=rerank, chunk_size=query_chunk,
-                                            itm_mode=itm_mode, weight=weight, itm_batch_size=itm_batch_size,
-                                            progress=progress)
+        key = (rerank, itm_mode, weight)
+        if score_cache is not None and key in score_cache:
+            log.info("reusing the query scores of re-rank depth %d", rerank)
+        else:
+            computed = score_queries(model, evalset, index, rerank=rerank, chunk_size=query_chunk, itm_mode=itm_mode,
+                                     weight=weight, itm_batch_size=itm_batch_size, progress=progress)
+            if score_cache is None:
+                score_cache = {}
+            score_cache[key] = computed
+        scores, text_embeds = (a.copy() for a in score_cache[key])  # post-processing must not alter the cache
         timings["queries_s"] = time.perf_counter() - t0
     finally:
         if scratch is not None:

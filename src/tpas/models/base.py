@@ -52,6 +52,9 @@ class ModelConfig:
     temp_min: float = 0.001
     temp_max: float = 0.5
     vocab: str | None = None  # vocab.txt path; None = the BERT-uncased vocab shipped with the package
+    # ITC weight in the re-rank fusion minmax(ITM) + w * minmax(ITC), picked on the validation split
+    # by training (tpas.search.rerank.calibrate_weight); None = upstream's 0.002
+    rerank_weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,7 @@ import numpy as np
 
 from tpas.search.encode import encode_texts
 from tpas.search.index import GalleryIndex, open_index
-from tpas.search.rerank import DEFAULT_WEIGHT, rerank_candidates
+from tpas.search.rerank import rerank_candidates, resolve_weight
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ class SearchEngine:
     """Search one gallery index with the model it was built with."""
 
     def __init__(self, index: str | Path | GalleryIndex, model, *, itm_mode: str = "logit",
-                 weight: float = DEFAULT_WEIGHT, batch_size: int | None = None, root: str | Path | None = None):
+                 weight: float | None = None, batch_size: int | None = None, root: str | Path | None = None):
         self.model = model
         self.index = index if isinstance(index, GalleryIndex) else open_index(index, model, root=root)
-        self.itm_mode, self.weight, self.batch_size = itm_mode, weight, batch_size
+        self.itm_mode, self.weight, self.batch_size = itm_mode, resolve_weight(model, weight), batch_size
 
     def __len__(self) -> int:
         return len(self.index)

@@ -77,6 +77,40 @@ def minmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.where(span > 0, (x - lo) / np.where(span > 0, span, 1), 0).astype(np.float32)
 
 
+def resolve_weight(model, weight: float | None) -> float:
+    """The fusion weight to use: ``weight`` if given, else the model's calibrated one, else upstream's."""
+    if weight is not None:
+        return float(weight)
+    calibrated = getattr(getattr(model, "config", None), "rerank_weight", None)
+    return DEFAULT_WEIGHT if calibrated is None else float(calibrated)
+
+
+# ITC weights tried by calibrate_weight: from upstream's 0.002 (ITM decides) to 100 (ITC decides, ITM breaks ties)
+WEIGHT_GRID = (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def calibrate_weight(itm: np.ndarray, itc: np.ndarray, positives: np.ndarray,
+                     grid: Sequence[float] = WEIGHT_GRID) -> tuple[float, dict[float, float]]:
+    """Pick the fusion weight with the best R@1 over the queries' re-ranked candidates.
+
+    ``itm``, ``itc`` [Q,k]: the scores of each query's ITC top-k (as re-ranking sees them);
+    ``positives`` [Q,k] bool: which candidates are true matches. Run it on a validation split
+    (never the test set). Why: upstream's 0.002 trusts ITM fully, which suits a well-trained
+    fusion encoder but lets a weak one (short CPU schedules) undo what ITC got right. Ties go to
+    the smaller weight (closer to upstream). Returns (best weight, {weight: R@1 in percent}).
+    """
+    itm, itc, positives = np.asarray(itm), np.asarray(itc), np.asarray(positives, dtype=bool)
+    if itm.shape != itc.shape or itm.shape != positives.shape or itm.ndim != 2 or not len(itm):
+        raise ValueError("itm, itc and positives must be non-empty [Q,k] arrays of one shape")
+    table: dict[float, float] = {}
+    for weight in grid:
+        fused = fuse(itm, itc, weight)
+        best = np.argmax(fused, axis=1)  # first maximum: ties keep ITC order
+        table[float(weight)] = float(positives[np.arange(len(best)), best].mean() * 100)
+    chosen = max(table, key=lambda w: (table[w], -w))
+    return chosen, table
+
+
 def fuse(itm: np.ndarray, itc: np.ndarray, weight: float = DEFAULT_WEIGHT) -> np.ndarray:
     """Per-query fusion of [Q,k] candidate scores: minmax(ITM) + weight * minmax(ITC)."""
     return minmax(itm, axis=1) + np.float32(weight) * minmax(itc, axis=1)
