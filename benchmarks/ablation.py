@@ -34,16 +34,19 @@ from tpas.eval.metrics import evaluate  # noqa: E402
 from tpas.eval.run import gallery_index, score_queries  # noqa: E402
 from tpas.models import create_model  # noqa: E402
 from tpas.search.postprocess import postprocess  # noqa: E402
+from tpas.search.rerank import DEFAULT_WEIGHT, resolve_weight  # noqa: E402
 from tpas.utils.io import write_json, write_text  # noqa: E402
 
 METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
 
 
-def rows_for(args) -> list[tuple[str, bool, str, dict]]:
-    """(label, use re-rank, post method, options)."""
+def rows_for(args) -> list[tuple[str, bool | str, str, dict]]:
+    """(label, use re-rank (True, or "upstream" for the 0.002 fusion weight), post method, options)."""
     return [
         ("ITC only", False, "none", {}),
-        (f"+ ITM re-rank (top {args.rerank})", True, "none", {}),
+        ("ITC + SCA", False, "sca", {"threshold": args.sca_threshold}),
+        (f"+ ITM re-rank (top {args.rerank}, upstream w={DEFAULT_WEIGHT})", "upstream", "none", {}),
+        (f"+ ITM re-rank (top {args.rerank}, w={args.weight:g})", True, "none", {}),
         ("+ ITM + SCA", True, "sca", {"threshold": args.sca_threshold}),
         (f"+ ITM + one-to-one (k={args.o2o_k})", True, "one_to_one", {"k": args.o2o_k}),
         (f"+ ITM + dual-softmax (T={args.temperature})", True, "dual_softmax", {"temperature": args.temperature}),
@@ -59,15 +62,20 @@ def run_split(model, args, split: str, work: Path) -> dict:
     t0 = time.perf_counter()
     index = gallery_index(model, evalset, work / split / "index", keep_tokens=True, batch_size=args.batch_size)
     itc, text_embeds = score_queries(model, evalset, index, rerank=0)
-    reranked, _ = score_queries(model, evalset, index, rerank=args.rerank)
+    reranked, _ = score_queries(model, evalset, index, rerank=args.rerank, weight=args.weight)
+    upstream = reranked
+    if args.weight != DEFAULT_WEIGHT:
+        upstream, _ = score_queries(model, evalset, index, rerank=args.rerank, weight=DEFAULT_WEIGHT)
     scoring_s = time.perf_counter() - t0
     results = []
     for label, use_rerank, post, options in rows_for(args):
-        scores = reranked if use_rerank else itc
+        scores = {False: itc, True: reranked, "upstream": upstream}[use_rerank]
         t0 = time.perf_counter()
         scores = postprocess(scores, post, text_embeds, **options)
         m = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(), query_groups=groups)
-        results.append({"setting": label, "rerank": args.rerank if use_rerank else 0, "post": post, "options": options,
+        results.append({"setting": label, "rerank": args.rerank if use_rerank else 0,
+                        "fusion_weight": None if not use_rerank else DEFAULT_WEIGHT if use_rerank == "upstream" else args.weight,
+                        "post": post, "options": options,
                         **{k: m[k] for k in METRICS}, "num_queries": m["num_queries"],
                         "groups": {g: {k: v[k] for k in (*METRICS, "num_queries")} for g, v in m.get("groups", {}).items()},
                         "post_seconds": round(time.perf_counter() - t0, 3)})
@@ -99,6 +107,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="mini-PAB root")
     ap.add_argument("--splits", nargs="+", default=["test"], help="test, ucc, challenge (needs its answer key)")
     ap.add_argument("--rerank", type=int, default=128)
+    ap.add_argument("--weight", type=float, default=None,
+                    help="ITC weight in the fusion (default: the model's validation-calibrated weight, else 0.002)")
     ap.add_argument("--sca-threshold", type=float, default=0.0, help="text cosine threshold (0 = all queries)")
     ap.add_argument("--o2o-k", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=0.05)
@@ -109,10 +119,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(args.model).eval()
+    args.weight = resolve_weight(model, args.weight)
     with tempfile.TemporaryDirectory(prefix="tpas-ablation-") as tmp:
         splits = [run_split(model, args, split, Path(tmp)) for split in args.splits]
-    header = (f"## Retrieval ablation\n\nmodel `{args.model}`, data `{args.data}`, ITM = logit, fusion weight 0.002 "
-              f"(per-query min-max), SCA threshold {args.sca_threshold}.\n")
+    header = (f"## Retrieval ablation\n\nmodel `{args.model}`, data `{args.data}`, ITM = logit, fusion weight {args.weight:g} "
+              f"(per-query min-max; upstream's {DEFAULT_WEIGHT} in its own row), SCA threshold {args.sca_threshold}.\n")
     if args.note:
         header += f"\n{args.note}\n"
     text = header + "\n" + "\n".join(markdown(s) for s in splits)

@@ -159,7 +159,12 @@ def test_single_process_training_writes_loadable_best_and_last(reference_run):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-00000006", "step-00000008"]
     best = json.loads((out / "best" / "metrics.json").read_text())
     assert best["R@1"] == max(r["val"]["R@1"] for r in vals)
-    assert create_model(out / "best").config.embed_dim == 32
+    best_model = create_model(out / "best")
+    assert best_model.config.embed_dim == 32
+    calib = best["rerank_calibration"]  # fusion weight picked on the validation split, carried by the model
+    assert calib["k"] == 16 and best_model.config.rerank_weight == calib["weight"]
+    assert calib["r1_by_weight"][str(calib["weight"])] == max(calib["r1_by_weight"].values())
+    assert any("rerank_weight" in r for r in logs)
     last = create_model(out / "last")
     trained = _weights(out)
     assert all(torch.equal(v, trained[k]) for k, v in last.state_dict().items())

@@ -96,6 +96,9 @@ class ValSection:
     every: int = 0  # optimizer steps between validations; 0 = at each epoch end; <0 = never
     batch_size: int = 64
     at_start: bool = False  # validate the untrained model too (zero-shot reference in the log)
+    # after training, pick the ITM re-rank fusion weight on the validation split for the top-K
+    # (stored in best/config.json as rerank_weight; tpas.search.calibrate); 0 = keep upstream's 0.002
+    calibrate_rerank: int = 16
 
 
 @dataclass

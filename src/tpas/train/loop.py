@@ -438,10 +438,36 @@ class Trainer:
                 log.warning("no validation ran (empty split or val.every<0): best/ is the last weights")
                 self._export(self.out / CHECKPOINTS / (self.out / CHECKPOINTS / LATEST).read_text().strip(),
                              self.out / "best")
+            self._calibrate_rerank()
             if self.tb is not None:
                 self.tb.close()
         acc.wait_for_everyone()
         return self.out
+
+    def _calibrate_rerank(self) -> None:
+        """Store the validation-picked re-rank fusion weight in ``best/`` (see tpas.search.calibrate)."""
+        from tpas.models import create_model
+        from tpas.search.calibrate import calibrate_on_evalset
+        from tpas.utils.io import write_json
+
+        k, best = self.config.val.calibrate_rerank, self.out / "best"
+        if k <= 0 or self.valset is None or not (best / "config.json").is_file():
+            return
+        model = create_model(best)
+        if model.config.rerank_weight is not None:
+            return  # already calibrated (a resumed run that had finished)
+        with torch.random.fork_rng(devices=[]):
+            weight, table = calibrate_on_evalset(model, self.valset, k=k, batch_size=self.config.val.batch_size)
+        model.config.rerank_weight = weight
+        metrics_file = best / "metrics.json"
+        metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
+        tmp = self.out / ".tmp-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        write_json(tmp / "metrics.json", {**metrics, "rerank_calibration": {
+            "k": k, "weight": weight, "r1_by_weight": {str(w): r for w, r in table.items()}}})
+        _replace_dir(tmp, best)
+        self._log({"step": self.state["step"], "rerank_weight": weight, "rerank_r1_by_weight": table})
 
 
 def evaluate_itc(model, evalset, batch_size: int = 64, groups: bool = False) -> dict[str, float]:
