@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from model_helpers import run_interface
+
 from tpas.models import create_model
 from tpas.models.clip import ClipModel, byte_level_vocab, tiny_clip_config, write_bpe_files
 
@@ -31,19 +33,10 @@ def clip_dir(tmp_path_factory):
     return directory
 
 
-def _run(model, pixels, texts):
-    ids, mask = model.tokenize(texts)
-    with torch.no_grad():
-        img = model.encode_image(pixels)
-        txt = model.encode_text(ids, mask)
-        logits = model.itm_logits(img.tokens, txt.tokens, txt.mask)
-    return img, txt, logits
-
-
 def test_clip_tiny_builds_and_encodes():
     model = create_model("clip-tiny").eval()
     assert model.image_size == (64, 32) and model.config.embed_dim == 32
-    img, txt, logits = _run(model, torch.randn(2, 3, 64, 32), TEXTS)
+    img, txt, logits = run_interface(model, torch.randn(2, 3, 64, 32), TEXTS)
     assert img.tokens.shape == (2, 1 + 8 * 4, 32)  # CLS + 8x4 patches (position table interpolated)
     assert torch.allclose(img.embeds.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert torch.allclose(txt.embeds.norm(dim=-1), torch.ones(2), atol=1e-5)
@@ -56,12 +49,12 @@ def test_clip_tiny_round_trip_bit_exact(tmp_path):
     torch.manual_seed(3)
     model = create_model("clip-tiny").eval()
     pixels = torch.randn(2, 3, 64, 32)
-    before = _run(model, pixels, TEXTS)
+    before = run_interface(model, pixels, TEXTS)
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "tokenizer" / "tokenizer.json").is_file()
     loaded = create_model(tmp_path / "m").eval()
     assert isinstance(loaded, ClipModel) and loaded.config == model.config
-    after = _run(loaded, pixels, TEXTS)
+    after = run_interface(loaded, pixels, TEXTS)
     for a, b in zip((before[0].tokens, before[0].embeds, before[1].tokens, before[1].embeds, before[2]),
                     (after[0].tokens, after[0].embeds, after[1].tokens, after[1].embeds, after[2])):
         assert torch.equal(a, b)
@@ -80,7 +73,7 @@ def test_clip_from_local_dir_uses_its_weights_tokenizer_and_projections(clip_dir
     vocab = json.loads((clip_dir / "vocab.json").read_text())
     assert vocab["and</w>"] in ids[0].tolist()  # the directory's merges were applied
     pixels = torch.randn(2, 3, 32, 32)
-    img, txt, _ = _run(model, pixels, TEXTS)
+    img, txt, _ = run_interface(model, pixels, TEXTS)
     with torch.no_grad():
         vis = reference.vision_model(pixel_values=pixels)
         ref_img = torch.nn.functional.normalize(reference.visual_projection(vis.pooler_output), dim=-1)
@@ -97,7 +90,7 @@ def test_clip_from_local_dir_uses_its_weights_tokenizer_and_projections(clip_dir
 def test_projected_image_tokens_and_person_size(clip_dir):
     model = create_model("clip", clip_name_or_path=str(clip_dir), image_tokens="projected",
                          image_size=(48, 16)).eval()
-    img, _, logits = _run(model, torch.randn(1, 3, 48, 16), TEXTS[:1])
+    img, _, logits = run_interface(model, torch.randn(1, 3, 48, 16), TEXTS[:1])
     assert img.tokens.shape == (1, 1 + 6 * 2, model.clip.config.projection_dim)
     assert torch.isfinite(logits).all()
 

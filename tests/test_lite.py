@@ -5,19 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model_helpers import run_interface
+
 from tpas.models import create_model
 from tpas.models.lite import LiteModel, minilm_dir, mobilenet_weights_path
 
 TEXTS = ["a man in a red coat walks past the bench", "woman running", "a child"]
-
-
-def _encode_all(model, pixels, texts):
-    ids, mask = model.tokenize(texts)
-    with torch.no_grad():
-        img = model.encode_image(pixels)
-        txt = model.encode_text(ids, mask)
-        logits = model.itm_logits(img.tokens, txt.tokens, txt.mask)
-    return img, txt, logits
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def test_tiny_interface_shapes(tiny):
     h, w = tiny.image_size
     assert (h, w) == (64, 32)
     pixels = torch.randn(3, 3, h, w)
-    img, txt, logits = _encode_all(tiny, pixels, TEXTS)
+    img, txt, logits = run_interface(tiny, pixels, TEXTS)
     # 64x32 through three stride-2 convs: 8x4 grid + 1 pooled CLS token, width 32
     assert img.tokens.shape == (3, 33, 32)
     assert img.embeds.shape == (3, tiny.config.embed_dim)
@@ -52,7 +45,7 @@ def test_text_padding_does_not_change_outputs(tiny):
     """Padding a text (key padding masks everywhere) must not change its encoding or ITM logit."""
     h, w = tiny.image_size
     pixels = torch.randn(1, 3, h, w)
-    alone = _encode_all(tiny, pixels, ["woman running"])
+    alone = run_interface(tiny, pixels, ["woman running"])
     ids, mask = tiny.tokenize(["woman running", TEXTS[0]])
     with torch.no_grad():
         img = tiny.encode_image(pixels)
@@ -78,12 +71,12 @@ def test_round_trip_bit_exact(name, tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     h, w = model.image_size
     pixels = torch.randn(2, 3, h, w)
-    before = _encode_all(model, pixels, TEXTS[:2])
+    before = run_interface(model, pixels, TEXTS[:2])
     model.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / "model.safetensors").is_file()
     loaded = create_model(tmp_path / "m").eval()
     assert isinstance(loaded, LiteModel) and loaded.config == model.config
-    after = _encode_all(loaded, pixels, TEXTS[:2])
+    after = run_interface(loaded, pixels, TEXTS[:2])
     assert torch.equal(before[0].tokens, after[0].tokens)
     assert torch.equal(before[0].embeds, after[0].embeds)
     assert torch.equal(before[1].tokens, after[1].tokens)
