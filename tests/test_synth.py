@@ -44,7 +44,7 @@ def _small_files():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("minipab") / "set"
-    summary = generate(root, N_IDS, seed=7, size=SIZE, workers=1, ood=True, preview=True)
+    summary = generate(root, N_IDS, seed=7, size=SIZE, workers=1, ood=True, preview=True, test_captions=2)
     assert summary.preview is not None and summary.preview.is_file()
     return root
 
@@ -52,14 +52,16 @@ def dataset(tmp_path_factory) -> Path:
 def test_same_seed_same_bytes_whatever_the_workers(dataset, tmp_path):
     again = tmp_path / "again"
     pooled = tmp_path / "pooled"
-    generate(again, N_IDS, seed=7, size=SIZE, workers=1, ood=True, preview=True)
-    generate(pooled, N_IDS, seed=7, size=SIZE, workers=2, ood=True, preview=True)
+    generate(again, N_IDS, seed=7, size=SIZE, workers=1, ood=True, preview=True, test_captions=2)
+    generate(pooled, N_IDS, seed=7, size=SIZE, workers=2, ood=True, preview=True, test_captions=2)
     reference = _digest(dataset)
     assert reference == _digest(again)
     assert reference == _digest(pooled)
     other = tmp_path / "other"
     generate(other, N_IDS, seed=8, size=SIZE)
     assert _digest(other)["train/imgs_0/goal/0.jpg"] != reference["train/imgs_0/goal/0.jpg"]
+    rows = [json.loads(line) for line in (other / "annotation" / "test" / "attr.json").read_text().splitlines()]
+    assert rows and all(len(r["caption"]) == 1 for r in rows)  # default: one query per test image, as PAB
 
 
 def test_rerun_replaces_an_earlier_set_and_refuses_foreign_folders(tmp_path):

@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
     p.add_argument("--size", type=_size, default=(256, 128), help="image height x width (default 256x128)")
     p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
+    p.add_argument("--test-captions", type=int, default=1, metavar="N",
+                   help="each test image gets 1 to N captions (default 1: one query per image, as PAB's test pairs)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of identities in the test split "
                                                                     "(default 0.2)")
     p.add_argument("--ood", action="store_true", help="also write a UCC-like split (other scenes, far camera) "
@@ -41,7 +43,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise TpasError(f"--workers must be at least 1, got {args.workers}")
     s = generate(args.out, args.identities, seed=args.seed, size=args.size, workers=args.workers, ood=args.ood,
-                 preview=args.preview, test_fraction=args.test_fraction)
+                 preview=args.preview, test_fraction=args.test_fraction, test_captions=args.test_captions)
     print(f"mini-PAB written to {s.root}: {s.train_identities} train / {s.test_identities} test"
           + (f" / {s.ood_identities} ucc" if s.ood_identities else "")
           + f" identities, {s.images} images, {s.queries} test queries "

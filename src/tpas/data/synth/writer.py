@@ -221,9 +221,10 @@ def _sidecar(item: dict, image_id: str, split: str, ident: int) -> dict:
     return {"image_id": image_id, "split": split, "identity": ident, **{k: item[k] for k in keep}}
 
 
-def _write_eval(out: Path, seed: int, split: str, n: int, size, workers: int) -> list[dict]:
+def _write_eval(out: Path, seed: int, split: str, n: int, size, workers: int, max_captions: int) -> list[dict]:
     folder = "test" if split == "test" else "ucc"
-    jobs = [_Job(seed, split, i, (f"{folder}/{2 * i}.jpg", f"{folder}/{2 * i + 1}.jpg"), size, str(out), (1, 2))
+    jobs = [_Job(seed, split, i, (f"{folder}/{2 * i}.jpg", f"{folder}/{2 * i + 1}.jpg"), size, str(out),
+                 (1, max_captions))
             for i in range(n)]
     results = _run(jobs, workers, f"mini-PAB {folder}")
     rows, side = [], []
@@ -263,12 +264,17 @@ def _write_challenge(out: Path, seed: int, rows: list[dict]) -> int:
 
 
 def generate(out: str | os.PathLike, identities: int, seed: int = 0, size: tuple[int, int] = (256, 128),
-             workers: int = 1, ood: bool = False, preview: bool = False, test_fraction: float = 0.2) -> SynthSummary:
+             workers: int = 1, ood: bool = False, preview: bool = False, test_fraction: float = 0.2,
+             test_captions: int = 1) -> SynthSummary:
     """Write a mini-PAB dataset with ``identities`` people (train + disjoint test) under ``out``.
 
     ``size`` is (height, width). ``ood`` adds a UCC-like split (other scenes, far camera) with as
     many identities as the test split. ``preview`` writes ``preview.png``, a contact sheet.
+    ``test_captions``: each test/UCC image gets 1 to this many captions (1 = one query per gallery
+    image, as PAB's test pairs; the setting SCA and its relatives assume).
     """
+    if test_captions < 1:
+        raise TpasError(f"test_captions must be >= 1, got {test_captions}")
     out = Path(out)
     size = (int(size[0]), int(size[1]))
     if size[0] < 32 or size[1] < 16:
@@ -278,10 +284,10 @@ def generate(out: str | os.PathLike, identities: int, seed: int = 0, size: tuple
     _prepare(out)
     start = time.perf_counter()
     n_files = _write_train(out, seed, n_train, size, workers)
-    test_rows = _write_eval(out, seed, "test", n_test, size, workers)
+    test_rows = _write_eval(out, seed, "test", n_test, size, workers, test_captions)
     n_ood = n_test if ood else 0
     if ood:
-        _write_eval(out, seed, "ood", n_ood, size, workers)
+        _write_eval(out, seed, "ood", n_ood, size, workers, test_captions)
     n_queries = _write_challenge(out, seed, test_rows)
     seconds = time.perf_counter() - start
     images = 2 * (n_train + n_test + n_ood)
@@ -297,7 +303,7 @@ def generate(out: str | os.PathLike, identities: int, seed: int = 0, size: tuple
     write_json(out / MANIFEST, {
         "generator": VERSION, "seed": seed, "size": list(size),
         "identities": {"train": n_train, "test": n_test, "ucc": n_ood},
-        "images": images, "test_queries": n_queries, "files": files,
+        "images": images, "test_queries": n_queries, "test_captions_per_image": [1, test_captions], "files": files,
         "actions": {"normal": list(NORMAL_ACTIONS), "anomaly": list(ANOMALY_ACTIONS)},
         "scenes": list(SCENES), "ood_scenes": list(OOD_SCENES) if ood else [],
         "appearance_factors": {k: list(v) for k, v in FACTORS.items()},
