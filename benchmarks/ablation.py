@@ -35,7 +35,7 @@ from tpas.eval.run import gallery_index, score_queries  # noqa: E402
 from tpas.models import create_model  # noqa: E402
 from tpas.search.postprocess import postprocess  # noqa: E402
 from tpas.search.rerank import DEFAULT_WEIGHT, resolve_weight  # noqa: E402
-from tpas.utils.io import write_json, write_text  # noqa: E402
+from tpas.utils.io import save_results  # noqa: E402
 
 METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
 
@@ -129,10 +129,7 @@ def main() -> None:
     text = header + "\n" + "\n".join(markdown(s) for s in splits)
     print(text)
     dest = Path(args.out)
-    write_json(dest.with_suffix(".json"), {"model": args.model, "data": str(args.data), "note": args.note,
-                                           "splits": splits})
-    write_text(dest.with_suffix(".md"), text)
-    print(f"saved {dest.with_suffix('.json')} and {dest.with_suffix('.md')}")
+    save_results(dest, {"model": args.model, "data": str(args.data), "note": args.note, "splits": splits}, text)
 
 
 if __name__ == "__main__":

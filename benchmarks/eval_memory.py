@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from tpas.data.records import Behaviour, EvalSet, GalleryImage, Query  # noqa: E402
 from tpas.eval.run import run_eval  # noqa: E402
 from tpas.models import create_model  # noqa: E402
-from tpas.utils.io import write_json, write_text  # noqa: E402
+from tpas.utils.io import save_results  # noqa: E402
 
 WORDS = ("man woman person red blue green black white jacket coat trousers skirt bag walking running falls "
          "fighting climbing fence street park hall bench bicycle phone box hat glasses hair short long").split()
@@ -130,9 +130,7 @@ def main() -> None:
     ]) + "\n"
     print(text)
     dest = Path(args.out)
-    write_json(dest.with_suffix(".json"), out)
-    write_text(dest.with_suffix(".md"), text)
-    print(f"saved {dest.with_suffix('.json')} and {dest.with_suffix('.md')}")
+    save_results(dest, out, text)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from tpas.models import create_model  # noqa: E402
 from tpas.search.encode import encode_texts, inference  # noqa: E402
 from tpas.search.rerank import default_itm_batch, itm_scores  # noqa: E402
-from tpas.utils.io import write_json, write_text  # noqa: E402
+from tpas.utils.io import save_results  # noqa: E402
 
 WORDS = ("a young man with short black hair wearing a dark blue jacket grey trousers and white sneakers is "
          "walking along the pavement then suddenly falls to the ground near a parked car while a woman in a "
@@ -133,9 +133,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
-    write_json(out.with_suffix(".json"), result)
-    write_text(out.with_suffix(".md"), text)
-    print(f"saved {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    save_results(out, result, text)
 
 
 if __name__ == "__main__":

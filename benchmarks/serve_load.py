@@ -178,7 +178,7 @@ def main() -> int:
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
-    from tpas.utils.io import write_json, write_text
+    from tpas.utils.io import save_results
 
     images = args.work / f"images-{args.images}"
     index = args.work / f"index-{args.images}-{args.model}"
@@ -213,9 +213,7 @@ def main() -> int:
                      f"{r['p99_ms']} | {r['max_ms']} | {r['throughput_qps']} | {r['model_ms_p50']} | {r['batch_mean']} |")
     table = "\n".join(lines) + "\n"
     print(table)
-    write_json(args.out.with_suffix(".json"), {"setup": setup, "rows": rows})
-    write_text(args.out.with_suffix(".md"), table)
-    print(f"saved {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
+    save_results(args.out, {"setup": setup, "rows": rows}, table)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
 
 
