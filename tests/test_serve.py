@@ -5,26 +5,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from tpas.serve.app import Limits, create_app  # noqa: E402
-
-
-@dataclass
-class FakeHit:
-    rank: int
-    image_id: str
-    score: float
-    itc_score: float
-    itm_score: float | None
-    path: Path
+from tpas.search.engine import Hit
+from tpas.serve.app import Limits, create_app
 
 
 class FakeEngine:
@@ -38,7 +27,7 @@ class FakeEngine:
         self.max_active = 0
         self._count_lock = threading.Lock()
 
-    def search(self, text: str, k: int = 10, rerank: int = 0) -> list[FakeHit]:
+    def search(self, text: str, k: int = 10, rerank: int = 0) -> list[Hit]:
         with self._count_lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -51,7 +40,7 @@ class FakeEngine:
             for rank, image_id in enumerate(ids, 1):
                 itc = 1.0 / rank
                 itm = 0.9 / rank if rerank and rank <= rerank else None
-                hits.append(FakeHit(rank, image_id, itm if itm is not None else itc, itc, itm, self.paths[image_id]))
+                hits.append(Hit(rank, image_id, itm if itm is not None else itc, itc, itm, self.paths[image_id]))
             return hits
         finally:
             with self._count_lock:
