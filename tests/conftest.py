@@ -16,14 +16,10 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shared_dir() -> Path:
-    """``shared/`` sits beside the checkout (``../shared``); CI lays a copy there too."""
-    for candidate in (REPO / "shared", REPO.parent / "shared"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("shared/ not found beside the repository")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
 def xvlm_fixture_dir() -> Path:
-    return shared_dir() / "fixtures" / "xvlm"
+    """Upstream X-VLM reference data (see tests/fixtures/xvlm/README.md)."""
+    return FIXTURES / "xvlm"
