@@ -17,27 +17,21 @@ Prints markdown tables and saves ``benchmarks/results/ablation.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+import torch
+from common import RESULTS, save_results
 
-import torch  # noqa: E402
+from tpas.data.datasets import load_eval
+from tpas.eval.run import run_eval
+from tpas.eval.tables import FIGURES, markdown_table
+from tpas.models import create_model
+from tpas.search.ranking import DEFAULT_WEIGHT, rank_evalset, resolve_weight
 
-from tpas.commands.evaluate import resolve_root  # noqa: E402
-from tpas.data.datasets import load_eval  # noqa: E402
-from tpas.eval.metrics import evaluate  # noqa: E402
-from tpas.eval.run import gallery_index, score_queries  # noqa: E402
-from tpas.models import create_model  # noqa: E402
-from tpas.search.postprocess import postprocess  # noqa: E402
-from tpas.search.rerank import DEFAULT_WEIGHT, resolve_weight  # noqa: E402
-from tpas.utils.io import save_results  # noqa: E402
-
-METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP")
+COLUMNS = (*FIGURES, "normal R@1", "normal mAP", "anomaly R@1", "anomaly mAP")
 
 
 def rows_for(args) -> list[tuple[str, bool | str, str, dict]]:
@@ -54,31 +48,27 @@ def rows_for(args) -> list[tuple[str, bool | str, str, dict]]:
 
 
 def run_split(model, args, split: str, work: Path) -> dict:
-    evalset = load_eval(resolve_root(args.data, split), "pab", split)
+    """Rank the split once per (re-rank, weight) and evaluate every row through ``run_eval``."""
+    evalset = load_eval(args.data, "pab", split)
     if not evalset.has_ground_truth:
         raise SystemExit(f"{split}: no ground truth (attach challenge/answer_key.json)")
     per_target = Counter(evalset.query_targets())
-    groups = evalset.query_groups()
     t0 = time.perf_counter()
-    index = gallery_index(model, evalset, work / split / "index", keep_tokens=True, batch_size=args.batch_size)
-    itc, text_embeds = score_queries(model, evalset, index, rerank=0)
-    reranked, _ = score_queries(model, evalset, index, rerank=args.rerank, weight=args.weight)
-    upstream = reranked
+    index_dir = work / split / "index"
+    rankings = {False: rank_evalset(model, evalset, index_dir=index_dir, batch_size=args.batch_size),
+                True: rank_evalset(model, evalset, rerank=args.rerank, weight=args.weight, index_dir=index_dir)}
+    rankings["upstream"] = rankings[True]
     if args.weight != DEFAULT_WEIGHT:
-        upstream, _ = score_queries(model, evalset, index, rerank=args.rerank, weight=DEFAULT_WEIGHT)
+        rankings["upstream"] = rank_evalset(model, evalset, rerank=args.rerank, weight=DEFAULT_WEIGHT,
+                                            index_dir=index_dir)
     scoring_s = time.perf_counter() - t0
     results = []
     for label, use_rerank, post, options in rows_for(args):
-        scores = {False: itc, True: reranked, "upstream": upstream}[use_rerank]
-        t0 = time.perf_counter()
-        scores = postprocess(scores, post, text_embeds, **options)
-        m = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(), query_groups=groups)
-        results.append({"setting": label, "rerank": args.rerank if use_rerank else 0,
-                        "fusion_weight": None if not use_rerank else DEFAULT_WEIGHT if use_rerank == "upstream" else args.weight,
-                        "post": post, "options": options,
-                        **{k: m[k] for k in METRICS}, "num_queries": m["num_queries"],
-                        "groups": {g: {k: v[k] for k in (*METRICS, "num_queries")} for g, v in m.get("groups", {}).items()},
-                        "post_seconds": round(time.perf_counter() - t0, 3)})
+        result = run_eval(model, evalset, post=post, post_options=options, ranking=rankings[use_rerank],
+                          progress=False)
+        results.append({"setting": label, "rerank": result.settings["rerank"],
+                        "fusion_weight": result.settings["fusion_weight"], "post": post, "options": options,
+                        "metrics": result.metrics.to_dict(), "post_seconds": round(result.timings["post_s"], 3)})
     return {"split": split, "eval_set": evalset.name, "queries": len(evalset.queries), "gallery": len(evalset.gallery),
             "max_queries_per_image": max(per_target.values()),
             "images_with_several_queries": sum(1 for c in per_target.values() if c > 1),
@@ -86,19 +76,13 @@ def run_split(model, args, split: str, work: Path) -> dict:
 
 
 def markdown(split: dict) -> str:
-    lines = [f"### {split['split']} ({split['eval_set']}): {split['queries']} queries, {split['gallery']} images",
-             "",
-             f"{split['images_with_several_queries']} images are the target of more than one query "
-             f"(up to {split['max_queries_per_image']}); SCA / one-to-one / dual-softmax assume one.", "",
-             "| setting | R@1 | R@5 | R@10 | mAP | mINP | normal R@1 | normal mAP | anomaly R@1 | anomaly mAP |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in split["rows"]:
-        g = r["groups"]
-        cells = [f"{r[k]:.2f}" for k in METRICS]
-        for name in ("normal", "anomaly"):
-            cells += [f"{g[name]['R@1']:.2f}", f"{g[name]['mAP']:.2f}"] if name in g else ["–", "–"]
-        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    from tpas.eval.metrics import Metrics
+
+    rows = [(r["setting"], Metrics.from_dict(r["metrics"])) for r in split["rows"]]
+    return (f"### {split['split']} ({split['eval_set']}): {split['queries']} queries, {split['gallery']} images\n\n"
+            f"{split['images_with_several_queries']} images are the target of more than one query "
+            f"(up to {split['max_queries_per_image']}); SCA / one-to-one / dual-softmax assume one.\n\n"
+            + markdown_table(rows, COLUMNS))
 
 
 def main() -> None:
@@ -115,7 +99,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--note", default="", help="a line printed above the tables (e.g. which model this is)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ablation"))
+    ap.add_argument("--out", default=str(RESULTS / "ablation"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(args.model).eval()

@@ -17,14 +17,12 @@ import argparse
 import platform
 import resource
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from common import REPO, save_results  # noqa: E402  (puts src/ on the path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -33,7 +31,6 @@ from PIL import Image  # noqa: E402
 from tpas.data.records import Behaviour, EvalSet, GalleryImage, Query  # noqa: E402
 from tpas.eval.run import run_eval  # noqa: E402
 from tpas.models import create_model  # noqa: E402
-from tpas.utils.io import save_results  # noqa: E402
 
 WORDS = ("man woman person red blue green black white jacket coat trousers skirt bag walking running falls "
          "fighting climbing fence street park hall bench bicycle phone box hat glasses hair short long").split()
@@ -113,7 +110,7 @@ def main() -> None:
         "peak_worker_rss_mb": round(peak_children, 1), "rss_after_model_mb": round(after_model, 1),
         "score_matrix_mb": round(args.queries * args.gallery * 4 / 2**20, 1),
         "token_file_mb": round(tokens_bytes / 2**20, 1), "eval_seconds": round(seconds, 1),
-        "timings": result["timings"], "R@1": result.get("R@1"),
+        "timings": result.timings, "R@1": result.metrics["R@1"],
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
     }
     text = "\n".join([

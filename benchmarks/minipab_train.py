@@ -5,8 +5,8 @@
 3. evaluate ``<out>/best`` the same way;
 4. print a table and save ``benchmarks/results/minipab_train.{json,md}``.
 
-Evaluation is ITC text-to-image (cosine of the embeddings, no ITM re-ranking) with
-``tpas.eval.metrics.evaluate``; every test caption is a query, its positive is the image with the
+Evaluation goes through ``tpas eval``'s path (``tpas.eval.run.run_eval``): ITC text-to-image, and
+with ``--rerank K`` also ITM re-ranking of the ITC top-K; every test caption is a query, its positive is the image with the
 same image_id (PAB rule), and the gallery holds both the normal and the anomalous image of every
 test identity, so behaviour matters for R@1.
 
@@ -25,12 +25,15 @@ import time
 from pathlib import Path
 
 import torch
+from common import save_results
+
+from tpas.eval.tables import FIGURES, markdown_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="mini-PAB root (tpas synth output)")
-    p.add_argument("--config", default="configs/minipab-lite.yaml")
+    p.add_argument("--config", default="minipab-lite", help="a shipped config's name or a YAML file")
     p.add_argument("--out", default="runs/minipab-lite-bench", help="run directory")
     p.add_argument("--results", default="benchmarks/results", help="where the table goes")
     p.add_argument("--skip-train", action="store_true", help="evaluate an existing <out>/best only")
@@ -41,13 +44,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def evaluate_model(model, evalset, batch_size: int = 64) -> dict[str, float]:
-    from tpas.train.loop import evaluate_itc
+def evaluate_model(model, evalset, rerank: int = 0):
+    """(metrics, seconds) of ``tpas eval``'s path, ITC only or with ITM re-ranking."""
+    from tpas.eval.run import run_eval
 
     start = time.perf_counter()
-    result = evaluate_itc(model, evalset, batch_size, groups=True)
-    result["eval_seconds"] = round(time.perf_counter() - start, 1)
-    return result
+    metrics = run_eval(model, evalset, rerank=rerank, progress=False).metrics
+    return metrics, round(time.perf_counter() - start, 1)
 
 
 def main(argv=None) -> dict:
@@ -67,9 +70,9 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(config.train.seed)
     zero = create_model(config.model.name, checkpoint=config.model.checkpoint, **config.model.options)
-    zero_shot = evaluate_model(zero, test)
+    zero_shot, _ = evaluate_model(zero, test)
     del zero
-    print(f"zero-shot: {json.dumps(zero_shot)}", flush=True)
+    print(f"zero-shot: {json.dumps(zero_shot.to_dict())}", flush=True)
 
     out = Path(args.out)
     train_seconds = None
@@ -78,19 +81,12 @@ def main(argv=None) -> dict:
         out = train(config, resume=args.resume)
         train_seconds = round(time.perf_counter() - start, 1)
     best_model = create_model(out / "best")
-    trained = evaluate_model(best_model, test)
-    print(f"trained: {json.dumps(trained)}", flush=True)
+    trained, _ = evaluate_model(best_model, test)
+    print(f"trained: {json.dumps(trained.to_dict())}", flush=True)
     reranked = None
     if args.rerank > 0:
-        from tpas.eval.run import run_eval
-
-        start = time.perf_counter()
-        full = run_eval(best_model, test, rerank=args.rerank, progress=False)
-        reranked = {k: float(v) for k, v in full.items() if isinstance(v, (int, float))}
-        for group, values in (full.get("groups") or {}).items():
-            reranked.update({f"{k}/{group}": float(v) for k, v in values.items() if k in ("R@1", "R@5", "mAP")})
-        reranked["eval_seconds"] = round(time.perf_counter() - start, 1)
-        print(f"trained + ITM re-rank top-{args.rerank}: {json.dumps(reranked)}", flush=True)
+        reranked, seconds = evaluate_model(best_model, test, rerank=args.rerank)
+        print(f"trained + ITM re-rank top-{args.rerank} ({seconds} s): {json.dumps(reranked.to_dict())}", flush=True)
 
     logs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in logs if "samples_per_s" in r]
@@ -107,31 +103,24 @@ def main(argv=None) -> dict:
         "global_batch": config.train.batch_size * max(1, config.train.grad_accum),
         "train_seconds": train_seconds,
         "samples_per_s_median": sps[len(sps) // 2] if sps else None,
-        "zero_shot": zero_shot, "trained": trained, "trained_rerank": reranked, "rerank_k": args.rerank,
+        "zero_shot": zero_shot.to_dict(), "trained": trained.to_dict(),
+        "trained_rerank": reranked.to_dict() if reranked is not None else None, "rerank_k": args.rerank,
         "best_val": best,
         "val_curve": [{"step": r["step"], "R@1": r["val"]["R@1"]} for r in vals],
         "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
     }
-    header = "| model | R@1 | R@5 | R@10 | mAP | mINP | R@1 normal | R@1 anomaly |"
-    keys = ("R@1", "R@5", "R@10", "mAP", "mINP", "R@1/normal", "R@1/anomaly")
     named = [("zero-shot " + config.model.name + " (ITC)", zero_shot), ("fine-tuned, best val (ITC)", trained)]
     if reranked is not None:
         named.append((f"fine-tuned + ITM re-rank top-{args.rerank}", reranked))
-    rows = [f"| {name} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in keys) + " |" for name, r in named]
-    table = "\n".join([header, "|" + "---|" * (len(keys) + 1), *rows])
+    table = markdown_table(named, (*FIGURES, "normal R@1", "anomaly R@1"), first="model")
     notes = (f"train time {train_seconds} s, {result['train_pairs_steps']} steps of {result['global_batch']} "
              f"samples, median {result['samples_per_s_median']} samples/s; {len(test.queries)} test queries, "
              f"{len(test.gallery)} gallery images; load average at the end {result['load_average_at_end']}")
     print(table)
     print(notes)
-    from tpas.utils.io import write_json, write_text
-
-    results = Path(args.results)
-    write_json(results / "minipab_train.json", result)
-    write_text(results / "minipab_train.md", f"# mini-PAB: zero-shot vs fine-tuned (text-to-image)\n\n"
-               f"`{result['command']}`\n\n{table}\n\n{notes}\n")
-    print(f"wrote {results / 'minipab_train.json'} and .md")
+    save_results(Path(args.results) / "minipab_train", result,
+                 f"# mini-PAB: zero-shot vs fine-tuned (text-to-image)\n\n`{result['command']}`\n\n{table}\n{notes}\n")
     return result
 
 

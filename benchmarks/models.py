@@ -31,8 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from common import REPO, save_results  # noqa: E402  (puts src/ on the path)
 
 import torch  # noqa: E402
 

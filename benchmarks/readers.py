@@ -24,8 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from common import REPO, save_results  # noqa: E402  (puts src/ on the path)
 
 from tpas.utils.io import write_json, write_text  # noqa: E402
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
+from common import REPO, save_results  # noqa: E402  (puts src/ on the path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +34,6 @@ import torch  # noqa: E402
 from tpas.models import create_model  # noqa: E402
 from tpas.search.encode import encode_texts, inference  # noqa: E402
 from tpas.search.rerank import default_itm_batch, itm_scores  # noqa: E402
-from tpas.utils.io import save_results  # noqa: E402
 
 WORDS = ("a young man with short black hair wearing a dark blue jacket grey trousers and white sneakers is "
          "walking along the pavement then suddenly falls to the ground near a parked car while a woman in a "

@@ -177,8 +177,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "serve_load")
     args = ap.parse_args()
 
-    sys.path.insert(0, str(REPO / "src"))
-    from tpas.utils.io import save_results
+    from common import save_results
 
     images = args.work / f"images-{args.images}"
     index = args.work / f"index-{args.images}-{args.model}"

@@ -1,6 +1,6 @@
 """Training throughput (samples/s) and peak memory of one ITC+ITM(+hard pairs) train step.
 
-CPU (default): lite at its default input, batch 32, the freezing of configs/minipab-lite.yaml.
+CPU (default): lite at its default input, batch 32, the freezing of src/tpas/configs/minipab-lite.yaml.
 GPU (``--gpu``): xvlm-base, bf16 autocast, batch 22, 224 px (the per-GPU share of the published
 PAB recipe's global batch 88 on 4 GPUs).
 
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     model = create_model(name, checkpoint=args.checkpoint, **overrides)
     text_layers, image_blocks = args.train_text_layers, args.train_image_blocks
     if not args.gpu and name == "lite" and text_layers is None and image_blocks is None:
-        text_layers, image_blocks = 2, 4  # what configs/minipab-lite.yaml trains
+        text_layers, image_blocks = 2, 4  # what src/tpas/configs/minipab-lite.yaml trains
     if hasattr(model, "set_trainable") and (text_layers is not None or image_blocks is not None):
         model.set_trainable(-1 if text_layers is None else text_layers, -1 if image_blocks is None else image_blocks)
     model.to(device)

@@ -28,6 +28,14 @@ val:
 """
 
 
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"groups": {"normal": {"R@1": x}}} -> {"groups/normal/R@1": x} (pytest.approx compares flat dicts)."""
+    out = {}
+    for key, value in d.items():
+        out.update(flat(value, f"{prefix}{key}/") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     from tpas.cli import main
@@ -51,9 +59,17 @@ def test_demo_writes_every_output(demo_run, capsys):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["name"] for r in rows] == ["itc", "itc+itm", "itc+itm+sca"]
     assert [(r["rerank"], r["post"]) for r in rows] == [(0, "none"), (4, "none"), (4, "sca")]
+    # every row is what `tpas eval` gives for that setting on the demo's model and test split
+    from tpas.data.datasets import load_eval
+    from tpas.eval.run import run_eval
+    from tpas.models import create_model
+
+    model, evalset = create_model(out / "model", device="cpu"), load_eval(out / "minipab", "pab", "test")
     for r in rows:
-        assert 0.0 <= r["metrics"]["R@1"] <= r["metrics"]["R@5"] <= r["metrics"]["R@10"] <= 100.0
-        assert "mAP" in r["metrics"] and "mINP" in r["metrics"]
+        again = run_eval(model, evalset, rerank=r["rerank"], post=r["post"], progress=False).metrics
+        assert flat(r["metrics"]) == pytest.approx(flat(again.to_dict())), r["name"]
+        saved = json.loads((out / "eval" / r["name"] / "metrics.json").read_text())
+        assert saved["R@1"] == r["metrics"]["R@1"] and saved["settings"]["rerank"] == r["rerank"]
     table = (out / "results.md").read_text()
     assert "| setting | R@1 |" in table and "+ ITM re-rank top-4 + SCA" in table
     report = (out / "report.html").read_text()

@@ -54,47 +54,73 @@ def test_itc_eval_matches_direct_metrics(model, tmp_path):
     txt = encode_texts(model, [q.caption for q in evalset.queries], progress=False).embeds
     ref = evaluate(txt @ img.T, evalset.query_targets(), evalset.gallery_targets(), query_groups=evalset.query_groups())
     for key in ("R@1", "R@5", "R@10", "mAP", "mINP"):
-        assert result[key] == pytest.approx(ref[key], abs=1e-6)
-    assert set(result["groups"]) == {"normal", "anomaly"} and result["groups"]["anomaly"]["num_queries"] == 4
+        assert result.metrics[key] == pytest.approx(ref[key], abs=1e-6)
+    assert set(result.metrics.groups) == {"normal", "anomaly"} and result.metrics.groups["anomaly"].num_queries == 4
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert saved["R@1"] == pytest.approx(result["R@1"]) and saved["settings"]["post"] == "none"
+    assert saved["R@1"] == pytest.approx(result.metrics["R@1"]) and saved["settings"]["post"] == "none"
     page = (tmp_path / "out" / "report.html").read_text()
     assert page.count('class="c hit"') + page.count('class="c miss"') == 10 * 12
     assert page.count('class="c hit"') >= 1 and "data:image/jpeg;base64," in page
     assert not (tmp_path / "out" / "answer.txt").exists()
 
 
-def test_rerank_and_post_run(model, tmp_path):
+def reference_rerank(model, evalset, k: int, weight: float) -> np.ndarray:
+    """The re-ranked score matrix computed independently: ITC, then each query's top-k scored pair
+    by pair with ITM and fused per query (minmax(ITM) + w * minmax(ITC)); the rest below in ITC order."""
+    img = encode_images(model, [evalset.image_path(g.image) for g in evalset.gallery], keep_tokens=True,
+                        progress=False)
+    txt = encode_texts(model, [q.caption for q in evalset.queries], keep_tokens=True, progress=False)
+    itc = txt.embeds @ img.embeds.T
+    out = itc - itc.max(axis=1, keepdims=True) - 1
+    with torch.no_grad():
+        for q in range(len(itc)):
+            head = np.argsort(-itc[q], kind="stable")[:k]
+            itm = np.array([model.itm_logits(torch.from_numpy(img.tokens[[g]].astype(np.float32)),
+                                             torch.from_numpy(txt.tokens[[q]]), torch.from_numpy(txt.mask[[q]]))[0, 1]
+                            for g in head])
+            span = lambda x: (x - x.min()) / (x.max() - x.min())  # noqa: E731
+            out[q, head] = span(itm) + weight * span(itc[q, head])
+    return out
+
+
+def test_rerank_and_post_processing_change_the_ranking_as_specified(model, tmp_path):
+    from tpas.search.postprocess import one_to_one
+
     evalset = make_evalset(tmp_path / "data")
-    index_dir = tmp_path / "index"
-    base = run_eval(model, evalset, rerank=4, out_dir=tmp_path / "a", index_dir=index_dir, progress=False)
-    assert base["settings"]["rerank"] == 4 and 0 <= base["R@1"] <= 100
-    for post, options in (("sca", {}), ("one_to_one", {"k": 5}), ("dual_softmax", {"temperature": 0.1})):
-        res = run_eval(model, evalset, rerank=4, post=post, post_options=options, out_dir=tmp_path / post,
-                       index_dir=index_dir, progress=False)
-        assert res["num_queries"] == 12 and res["settings"]["post"] == post
+    targets = (evalset.query_targets(), evalset.gallery_targets())
+    itc_only = run_eval(model, evalset, index_dir=tmp_path / "index", progress=False).metrics
+    expected = reference_rerank(model.eval(), evalset, k=4, weight=0.002)
+    want = evaluate(expected, *targets)
+    assert want["mAP"] != pytest.approx(itc_only["mAP"])  # re-ranking moves something: the check has power
+    got = run_eval(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
+    assert got.settings["rerank"] == 4 and got.settings["fusion_weight"] == 0.002
+    for key in ("R@1", "R@5", "R@10", "mAP", "mINP"):
+        assert got.metrics[key] == pytest.approx(want[key], abs=1e-4), key
+    want_post = evaluate(one_to_one(expected, k=5), *targets)
+    assert want_post["mAP"] != pytest.approx(want["mAP"])  # the assignment moves something too
+    post = run_eval(model, evalset, rerank=4, post="one_to_one", post_options={"k": 5},
+                    index_dir=tmp_path / "index", progress=False)
+    for key in ("R@1", "R@5", "mAP"):
+        assert post.metrics[key] == pytest.approx(want_post[key], abs=1e-4), key
+    assert post.settings["post"] == "one_to_one" and post.settings["post_options"] == {"k": 5}
 
 
-def test_score_cache_scores_once_and_stays_intact(model, tmp_path, monkeypatch):
-    import tpas.eval.run as eval_run
+def test_a_ranking_is_reused_and_left_intact(model, tmp_path):
+    from tpas.search.ranking import rank_evalset
 
     evalset = make_evalset(tmp_path / "data")
-    calls = []
-    original = eval_run.score_queries
-    monkeypatch.setattr(eval_run, "score_queries", lambda *a, **kw: calls.append(kw["rerank"]) or original(*a, **kw))
-    cache: dict = {}
-    index_dir = tmp_path / "index"
-    plain = run_eval(model, evalset, rerank=4, index_dir=index_dir, score_cache=cache, progress=False)
-    post = run_eval(model, evalset, rerank=4, post="dual_softmax", index_dir=index_dir, score_cache=cache,
-                    progress=False)
-    again = run_eval(model, evalset, rerank=4, index_dir=index_dir, score_cache=cache, progress=False)
-    assert calls == [4]  # scored once; the post-processed run did not alter the cached matrix
-    assert post["settings"]["post"] == "dual_softmax"
-    assert {k: again[k] for k in ("R@1", "mAP")} == {k: plain[k] for k in ("R@1", "mAP")}
+    ranking = rank_evalset(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
+    before = ranking.score_matrix()
+    post = run_eval(model, evalset, post="dual_softmax", ranking=ranking, progress=False)
+    np.testing.assert_array_equal(ranking.score_matrix(), before)  # post-processing worked on a copy
+    plain = run_eval(model, evalset, ranking=ranking, progress=False)
+    fresh = run_eval(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
+    assert plain.metrics == fresh.metrics and post.settings["rerank"] == 4
+    assert post.metrics != plain.metrics
 
 
 def test_model_carried_fusion_weight_is_used(model, tmp_path):
-    from tpas.search.rerank import DEFAULT_WEIGHT, resolve_weight
+    from tpas.search.ranking import DEFAULT_WEIGHT, resolve_weight
 
     evalset = make_evalset(tmp_path / "data")
     assert resolve_weight(model, None) == DEFAULT_WEIGHT and resolve_weight(model, 0.5) == 0.5
@@ -103,7 +129,7 @@ def test_model_carried_fusion_weight_is_used(model, tmp_path):
         res = run_eval(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
     finally:
         model.config.rerank_weight = None
-    assert res["settings"]["fusion_weight"] == 7.0
+    assert res.settings["fusion_weight"] == 7.0
 
 
 def test_challenge_writes_answer(model, tmp_path):
@@ -112,11 +138,12 @@ def test_challenge_writes_answer(model, tmp_path):
     result = run_eval(model, masked, out_dir=tmp_path / "out", progress=False)
     lines = (tmp_path / "out" / "answer.txt").read_text().splitlines()
     assert len(lines) == 12 and all(len(line.split(" ")) == 10 for line in lines)
-    assert "R@1" not in result and "answer" in result["outputs"]
+    assert result.metrics is None and "answer" in result.outputs
+    assert "R@1" not in json.loads((tmp_path / "out" / "metrics.json").read_text())
     keyed = make_evalset(tmp_path / "data2", name="pab-challenge:tiny")
     result = run_eval(model, keyed, out_dir=tmp_path / "out2", progress=False)
-    assert result["answer_scores"]["R@1"] == pytest.approx(result["R@1"])
-    assert result["answer_scores"]["R@10"] == pytest.approx(result["R@10"])
+    assert result.answer_metrics["R@1"] == pytest.approx(result.metrics["R@1"])
+    assert result.answer_metrics["R@10"] == pytest.approx(result.metrics["R@10"])
 
 
 def test_cli_index_search_eval(model, tmp_path, capsys):

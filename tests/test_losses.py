@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tpas.train.losses import eda, itc_loss, itm_loss, mask_tokens, sample_negatives, soft_targets
+from tpas.data.text_augment import eda
+from tpas.train.losses import itc_loss, itm_loss, mask_tokens, sample_negatives, soft_targets
 from tpas.train.optim import lr_multiplier, no_weight_decay, param_groups, schedule_fn
 
 
@@ -190,6 +191,53 @@ def test_train_step_combines_losses_and_mlm_on_lite_tiny():
     out["loss"].backward()
     assert model.mlm_head.bias.grad is not None and model.itm_head.net[0].weight.grad is not None
     assert model.temp.grad is not None
+
+
+def test_train_step_scores_hard_pairs_as_labelled_negatives(monkeypatch):
+    from tpas.config import LossSection
+    from tpas.models import create_model
+    from tpas.train.loop import TrainStep
+
+    torch.manual_seed(0)
+    model = create_model("lite-tiny")  # eval mode: no dropout, so the encodings can be recomputed below
+    batch = _tiny_batch(model)
+    seen = []
+    real = model.itm_logits
+
+    def spy(image_tokens, text_tokens, text_mask):
+        logits = real(image_tokens, text_tokens, text_mask)
+        seen.append((image_tokens, text_tokens, text_mask, logits))
+        return logits
+
+    monkeypatch.setattr(model, "itm_logits", spy)
+    out = TrainStep(model, LossSection(itc=0.0, itm=1.0))(batch)
+    (img, txt, mask, logits), = seen
+    rows = batch["hard_rows"]
+    with torch.no_grad():
+        image = model.encode_image(batch["images"]).tokens
+        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        hard_image = model.encode_image(batch["hard_images"]).tokens
+        hard_text = model.encode_text(batch["hard_input_ids"], batch["hard_attention_mask"])
+    b, n_hard = 4, len(rows)
+    width = text.tokens.shape[1]
+    # the first b pairs are the positives (image i, caption i)
+    assert torch.allclose(img[:b], image, atol=1e-6) and torch.allclose(txt[:b, :width], text.tokens, atol=1e-6)
+    # the last 2 x n_hard pairs: (image of a hard row, its other-behaviour caption), then
+    # (the other-behaviour image, the hard row's own caption)
+    tail_img, tail_txt, tail_mask = img[-2 * n_hard:], txt[-2 * n_hard:], mask[-2 * n_hard:]
+    assert torch.allclose(tail_img[:n_hard], image[rows], atol=1e-6)
+    assert torch.allclose(tail_img[n_hard:], hard_image, atol=1e-6)
+    h = hard_text.tokens.shape[1]
+    assert torch.allclose(tail_txt[:n_hard, :h], hard_text.tokens, atol=1e-6)
+    assert torch.equal(tail_mask[:n_hard, :h], batch["hard_attention_mask"])
+    assert torch.allclose(tail_txt[n_hard:, :width], text.tokens[rows], atol=1e-6)
+    # labels: 1 for the b positives, 0 for every negative, hard pairs included
+    labels = torch.zeros(len(logits), dtype=torch.long)
+    labels[:b] = 1
+    assert torch.allclose(out["itm"], F.cross_entropy(logits.float(), labels))
+    wrong = labels.clone()
+    wrong[-2 * n_hard:] = 1
+    assert not torch.allclose(out["itm"], F.cross_entropy(logits.float(), wrong))
 
 
 def test_mlm_on_a_model_without_head_is_a_clear_not_implemented():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tpas.eval import evaluate, evaluate_rankings, format_table, positive_ranks
+from tpas.eval import Metrics, by_group, evaluate, evaluate_rankings, html_table, markdown_table, positive_ranks
 
 
 def reference(scores: np.ndarray, qids, gids, ks=(1, 5, 10), groups=None) -> dict:
@@ -37,7 +37,8 @@ def reference(scores: np.ndarray, qids, gids, ks=(1, 5, 10), groups=None) -> dic
     return result
 
 
-def assert_close(got: dict, want: dict) -> None:
+def assert_close(got: Metrics | dict, want: dict) -> None:
+    got = got.to_dict() if isinstance(got, Metrics) else got
     assert set(got) == set(want)
     for key, value in want.items():
         if key == "groups":
@@ -127,7 +128,8 @@ def test_known_values():
     scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.1, 0.2, 0.3, 0.4]])
     result = evaluate(scores, ["p", "q"], ["x", "p", "q", "p"], ks=(1, 2))
     # query 0: positives at ranks 2 and 4 -> AP=(1/2+2/4)/2=0.5, INP=2/4; query 1: rank 2 -> 0.5, 0.5
-    assert result == {"R@1": 0.0, "R@2": 100.0, "mAP": 50.0, "mINP": 50.0, "num_queries": 2}
+    assert result.to_dict() == {"R@1": 0.0, "R@2": 100.0, "mAP": 50.0, "mINP": 50.0, "num_queries": 2}
+    assert Metrics.from_dict(result.to_dict()) == result
 
 
 def test_no_positive_is_an_error_unless_allowed():
@@ -135,7 +137,7 @@ def test_no_positive_is_an_error_unless_allowed():
     with pytest.raises(ValueError, match="1 of 2 queries have no positive"):
         evaluate(scores, ["a", "zzz"], ["a", "b"])
     result = evaluate(scores, ["a", "zzz"], ["a", "b"], ks=(1,), allow_no_positive=True)
-    assert result["R@1"] == 50.0 and result["mAP"] == 50.0 and result["num_no_positive"] == 1
+    assert result["R@1"] == 50.0 and result["mAP"] == 50.0 and result.num_no_positive == 1
 
 
 def test_bad_shapes_and_nan():
@@ -151,14 +153,29 @@ def test_evaluate_rankings_and_table():
     rankings = [["a", "b"], ["c", "a"], ["x", "y"]]
     result = evaluate_rankings(rankings, ["a", "a", "b"], ks=(1, 2), query_groups=["n", "n", "m"])
     assert result["R@1"] == pytest.approx(100 / 3) and result["R@2"] == pytest.approx(200 / 3)
-    assert result["groups"]["n"]["R@2"] == 100.0 and result["groups"]["m"]["R@1"] == 0.0
+    assert result.groups["n"]["R@2"] == 100.0 and result.groups["m"]["R@1"] == 0.0
+    assert result.mAP is None and "mAP" not in result.to_dict()  # truncated rankings have no mAP
     mapped = evaluate_rankings([["g1"], ["g2"]], ["p1", "p1"], {"g1": "p1", "g2": "p2"}, ks=(1,))
     assert mapped["R@1"] == 50.0
     with pytest.raises(ValueError, match="cannot compute"):
         evaluate_rankings(rankings, ["a", "a", "b"], ks=(5,))
     scores, qids, gids, groups = random_case(0)
-    table = format_table(evaluate(scores, qids, gids, query_groups=groups))
-    lines = table.splitlines()
+    metrics = evaluate(scores, qids, gids, query_groups=groups)
+    lines = markdown_table(by_group(metrics), ("n", "R@1", "R@5", "R@10", "mAP", "mINP"), first="queries").splitlines()
     assert lines[0] == "| queries | n | R@1 | R@5 | R@10 | mAP | mINP |"
-    assert lines[2].startswith("| all | 60 |") and lines[3].startswith("| anomaly | 30 |")
-    json.dumps(evaluate(scores, qids, gids))  # plain floats/ints only
+    assert lines[2] == f"| all | 60 | {metrics['R@1']:.2f} | {metrics['R@5']:.2f} | {metrics['R@10']:.2f} | " \
+                       f"{metrics['mAP']:.2f} | {metrics['mINP']:.2f} |"
+    assert lines[3].startswith("| anomaly | 30 |") and lines[4].startswith("| normal | 30 |")
+    json.dumps(metrics.to_dict())  # plain floats/ints only
+
+
+def test_tables_group_columns_and_missing_figures():
+    a = Metrics(recall={1: 50.0, 5: 75.0}, num_queries=4, mAP=60.0,
+                groups={"anomaly": Metrics(recall={1: 25.0, 5: 50.0}, num_queries=2, mAP=30.0)})
+    b = Metrics(recall={1: 10.0, 5: 20.0}, num_queries=4)  # no mAP, no groups
+    md = markdown_table([("A", a), ("B <b>", b)], ("R@1", "mAP", "anomaly R@1", "anomaly mAP", "normal R@1"))
+    assert md.splitlines()[2] == "| A | 50.00 | 60.00 | 25.00 | 30.00 | – |"
+    assert md.splitlines()[3] == "| B <b> | 10.00 | – | – | – | – |"
+    page = html_table([("A", a), ("B <b>", b)], ("R@1", "anomaly R@1"), links=["a.html", None])
+    assert "<th>B &lt;b&gt;</th>" in page and '<a href="a.html">examples</a>' in page
+    assert page.count("<tr>") == 3 and "<td>25.00</td>" in page

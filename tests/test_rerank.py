@@ -3,20 +3,24 @@ import pytest
 import torch
 
 from tpas.models import create_model
-from tpas.search.encode import encode_texts
-from tpas.search.rerank import fuse, itm_scores, minmax, rerank_candidates, rerank_scores, top_k
+from tpas.search.encode import EncodedImages, encode_texts
+from tpas.search.ranking import Ranking, fuse, minmax, rank, top_k
+from tpas.search.rerank import itm_scores
+
+TEXTS = ["a man falls", "a woman in a long red coat walks a dog along the road", "child running"]
 
 
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
     model = create_model("lite-tiny")
-    texts = ["a man falls", "a woman in a long red coat walks a dog along the road", "child running"]
-    enc = encode_texts(model, texts, keep_tokens=True, progress=False)
+    enc = encode_texts(model, TEXTS, keep_tokens=True, progress=False)
     rng = np.random.default_rng(0)
     with torch.no_grad():
-        tokens = model.encode_image(torch.randn(6, 3, *model.image_size)).tokens.numpy().astype(np.float16)
-    return model, enc, tokens, rng
+        out = model.encode_image(torch.randn(6, 3, *model.image_size))
+    tokens = out.tokens.numpy().astype(np.float16)
+    gallery = EncodedImages(embeds=out.embeds.numpy(), tokens=tokens)
+    return model, enc, tokens, rng, gallery
 
 
 def pair_by_pair(model, enc, tokens, q_rows, g_rows, mode="logit"):
@@ -32,7 +36,7 @@ def pair_by_pair(model, enc, tokens, q_rows, g_rows, mode="logit"):
 
 @pytest.mark.parametrize("mode", ["logit", "prob"])
 def test_batched_equals_pair_by_pair(setup, mode):
-    model, enc, tokens, rng = setup
+    model, enc, tokens, rng, _ = setup
     q_rows = rng.integers(0, 3, 40)
     g_rows = rng.integers(0, 6, 40)
     model.train()
@@ -61,32 +65,56 @@ def test_fuse_formula():
     assert minmax(np.ones((1, 4))).tolist() == [[0, 0, 0, 0]]
 
 
-def test_rerank_scores_keeps_tail_in_itc_order(setup):
-    model, enc, tokens, rng = setup
-    itc = rng.standard_normal((3, 6)).astype(np.float32)
-    final = rerank_scores(model, itc, enc.tokens, enc.mask, tokens, k=3)
+def test_rank_reranks_the_itc_head_and_keeps_raw_scores(setup):
+    model, enc, tokens, _, gallery = setup
+    itc = enc.embeds @ gallery.embeds.T
+    ranking = rank(model, TEXTS, gallery, depth=6, rerank=3, weight=0.002, keep_scores=True)
+    assert isinstance(ranking, Ranking) and ranking.head == 3 and ranking.weight == 0.002
+    np.testing.assert_allclose(ranking.itc_scores, itc, atol=1e-6)
+    final = ranking.score_matrix()
     cols, _ = top_k(itc, 3)
     for q in range(3):
         order = np.argsort(-final[q], kind="stable")
+        assert order.tolist() == ranking.rows[q].tolist()  # the matrix sorts like the listed ranking
         assert set(order[:3]) == set(cols[q])  # head = the ITC top-3, re-ordered
         tail = [g for g in np.argsort(-itc[q], kind="stable") if g not in cols[q]]
         assert order[3:].tolist() == tail
         assert final[q, cols[q]].min() >= 0 > final[q, tail].max()
-        itm = pair_by_pair(model, enc, tokens, [q] * 3, cols[q])  # min-max amplifies fp noise: loose tol
-        np.testing.assert_allclose(final[q, cols[q]], fuse(itm[None], itc[q, cols[q]][None])[0], atol=1e-3)
-    np.testing.assert_array_equal(rerank_scores(model, itc, enc.tokens, enc.mask, tokens, k=0), itc)
+        # raw scores travel with each listed row: ITC cosine everywhere, ITM in the head only
+        np.testing.assert_allclose(ranking.itc[q], itc[q, ranking.rows[q]], atol=1e-6)
+        itm = pair_by_pair(model, enc, tokens, [q] * 3, ranking.rows[q, :3])
+        np.testing.assert_allclose(ranking.itm[q, :3], itm, atol=1e-5)
+        assert np.isnan(ranking.itm[q, 3:]).all()
+        # the head is ordered by the fused score, fused over the head's raw scores
+        np.testing.assert_allclose(ranking.score[q, :3], fuse(itm[None], ranking.itc[q, :3][None], 0.002)[0],
+                                   atol=1e-3)  # min-max amplifies fp noise: loose tol
+        assert (np.diff(ranking.score[q, :3]) <= 0).all()
+    plain = rank(model, TEXTS, gallery, depth=6, keep_scores=True)
+    assert plain.head == 0 and plain.weight is None and np.isnan(plain.itm).all()
+    np.testing.assert_array_equal(plain.score_matrix(), plain.itc_scores)
 
 
-def test_rerank_candidates_with_missing_slots(setup):
-    model, enc, tokens, _ = setup
-    cands = np.array([[4, 1, -1], [0, 2, 3]])
-    itc = np.array([[0.9, 0.8, -1.0], [0.5, 0.4, 0.3]], dtype=np.float32)
-    itm, fused = rerank_candidates(model, enc.tokens[:2], enc.mask[:2], tokens, cands, itc)
-    assert np.isnan(itm[0, 2]) and fused[0, 2] == -np.inf and np.isfinite(fused[1]).all()
+def test_rank_from_a_search_structure_with_missing_slots(setup):
+    model, enc, tokens, _, gallery = setup
+
+    class SparseGallery:  # an index whose search finds only two candidates for the first query
+        embeds, tokens = gallery.embeds, gallery.tokens
+
+        def search(self, q, k):
+            rows = np.array([[4, 1, -1], [0, 2, 3], [5, 4, 3]])[:len(q), :k]
+            return (q @ self.embeds.T)[np.arange(len(q))[:, None], rows.clip(0)].astype(np.float32), rows
+
+    ranking = rank(model, TEXTS, SparseGallery(), depth=3, rerank=3, exact=False)
+    assert ranking.rows[0, 2] == -1 and np.isnan(ranking.itm[0, 2]) and ranking.score[0, 2] == -np.inf
+    assert np.isfinite(ranking.score[1:]).all() and set(ranking.rows[1]) == {0, 2, 3}
+    with pytest.raises(ValueError, match="keep_scores"):
+        rank(model, TEXTS, SparseGallery(), exact=False, keep_scores=True)
+    with pytest.raises(ValueError, match="image tokens"):
+        rank(model, TEXTS, EncodedImages(embeds=gallery.embeds), rerank=2)
 
 
 def test_top_k_chunked_equals_whole(monkeypatch):
-    import tpas.search.rerank as rr
+    import tpas.search.ranking as rr
 
     s = np.random.default_rng(5).integers(0, 4, (37, 11)).astype(np.float32)  # many ties
     whole = top_k(s, 5)
@@ -98,7 +126,8 @@ def test_top_k_chunked_equals_whole(monkeypatch):
 
 
 def test_calibrate_weight_picks_the_fusion_that_ranks_positives_first():
-    from tpas.search.rerank import DEFAULT_WEIGHT, calibrate_weight
+    from tpas.search.calibrate import calibrate_weight
+    from tpas.search.ranking import DEFAULT_WEIGHT
 
     # candidates in ITC order; the positive is column 0 for every query
     itc = np.array([[0.9, 0.8, 0.1], [0.7, 0.6, 0.5], [0.9, 0.2, 0.1]], np.float32)

@@ -8,7 +8,7 @@ from tpas.models import create_model
 from tpas.search.encode import encode_texts
 from tpas.search.engine import SearchEngine
 from tpas.search.index import build_index, open_index
-from tpas.search.rerank import rerank_scores
+from tpas.search.ranking import rank
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +40,18 @@ def test_itc_search_matches_brute_force(engine):
     assert hits[0].path == engine.image_path(hits[0].image_id) and hits[0].path.is_file()
 
 
-def test_rerank_search_matches_rerank_scores(engine):
+def test_rerank_search_matches_the_exact_ranking(engine):
     k, head = 6, 4
     batch = engine.search_batch(TEXTS, k=k, rerank=head)
-    enc = encode_texts(engine.model, TEXTS, keep_tokens=True, progress=False)
-    itc = enc.embeds @ engine.index.embeds.T
-    full = rerank_scores(engine.model, itc, enc.tokens, enc.mask, engine.index.tokens, k=head)
+    exact = rank(engine.model, TEXTS, engine.index, depth=k, rerank=head, keep_scores=True)
+    full = exact.score_matrix()
     for i, hits in enumerate(batch):
         expected = [f"img{j}" for j in np.argsort(-full[i], kind="stable")[:k]]
         assert [h.image_id for h in hits] == expected
         assert all(h.itm_score is not None for h in hits[:head]) and all(h.itm_score is None for h in hits[head:])
         assert [h.image_id for h in engine.search(TEXTS[i], k=k, rerank=head)] == expected
+        np.testing.assert_allclose([h.itm_score for h in hits[:head]], exact.itm[i, :head], atol=1e-5)
+        np.testing.assert_allclose([h.itc_score for h in hits], exact.itc[i], atol=1e-5)
 
 
 def test_bad_requests(engine):

@@ -84,7 +84,7 @@ def test_answer_scored_against_key(challenge, tmp_path):
     result = evaluate_rankings(rankings, evalset.query_targets(), ks=(1, 10),
                                query_groups=evalset.query_groups())
     assert result["R@1"] == pytest.approx(100 / 3) and result["R@10"] == pytest.approx(200 / 3)
-    assert result["groups"]["normal"]["R@1"] == 50.0
+    assert result.groups["normal"]["R@1"] == 50.0
 
 
 def test_metrics_cli(tmp_path, capsys):
@@ -102,7 +102,7 @@ def test_metrics_cli(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| all | 6 |" in printed and "| anomaly | 3 |" in printed and str(out) in printed
-    assert json.loads(out.read_text()) == evaluate(scores, qids, gids, query_groups=groups)
+    assert json.loads(out.read_text()) == evaluate(scores, qids, gids, query_groups=groups).to_dict()
     # wrong row count -> one-line error, exit 2
     (tmp_path / "q.txt").write_text("a\nb\n")
     rc = main(["metrics", "--scores", str(tmp_path / "s.npy"), "--query-ids", str(tmp_path / "q.txt"),

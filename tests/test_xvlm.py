@@ -289,3 +289,38 @@ def test_tokenizer_ids(small):
     assert ids[0, :5].tolist() == [101, 1037, 2450, 4212, 102]
     assert ids[1].tolist() == [101, 1037, 2158, 2003, 2770, 1012, 102]
     assert mask[0].tolist() == [1] * 5 + [0, 0]
+
+
+def test_training_mode_dropout_drop_path_and_a_backward_step():
+    """X-VLM trains: drop-path and dropout act in train mode only, and one TrainStep reaches every part."""
+    from tpas.config import LossSection
+    from tpas.models.swin import SwinBlock
+    from tpas.train.loop import TrainStep
+
+    torch.manual_seed(0)
+    model = create_model("xvlm-small", device="cpu")
+    assert max(b.drop_path for b in model.modules() if isinstance(b, SwinBlock)) > 0
+    images = torch.randn(4, 3, 224, 224)
+    ids = torch.randint(103, 1000, (4, 12))
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+    mask[2:, 8:] = 0  # two shorter captions
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images).embeds, model.encode_image(images).embeds)  # eval: fixed
+        model.train()
+        a, b = model.encode_image(images).embeds, model.encode_image(images).embeds
+        assert not torch.allclose(a, b)  # drop-path samples other residual branches each pass
+        t1, t2 = (model.encode_text(ids, mask).embeds for _ in range(2))
+        assert not torch.allclose(t1, t2)  # dropout in the text layers
+    batch = {"images": images, "input_ids": ids, "attention_mask": mask, "labels": torch.arange(4)}
+    step = TrainStep(model, LossSection(itc=1.0, itm=1.0))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    out = step(batch)
+    out["loss"].backward()
+    for part in ("vision_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.", "temp"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(part)]
+        assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), part
+    fusion = [p.grad for n, p in model.named_parameters() if "crossattention" in n]
+    assert fusion and all(g is not None and g.abs().sum() > 0 for g in fusion)  # the fusion layers learn too
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -7,13 +7,16 @@ heavy imports happen inside the command functions, so ``tpas --help`` is fast.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from tpas import __version__
-from tpas.commands import MODULES
+from tpas.commands import data, demo, evaluate, models, search, serve, synth, train
 from tpas.errors import TpasError
+
+__all__ = ["build_parser", "main"]
+
+COMMANDS = (data, synth, train, search, evaluate, serve, demo, models)  # in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tpas {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in MODULES:
-        try:
-            module = importlib.import_module(f"tpas.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"tpas.commands.{name}":
-                continue  # command group not built yet
-            raise
+    for module in COMMANDS:
         module.register(sub)
     return parser
 

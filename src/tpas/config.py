@@ -1,5 +1,8 @@
 """Run configs as dataclasses: YAML files plus dotted command-line overrides (``train.lr=1e-4``).
 
+The recipes tpas ships live in ``tpas/configs/*.yaml`` (package data, so an installed tpas has
+them too); ``--config`` takes one of their names (``minipab-lite``) or a path to any YAML file.
+
 A config file is a mapping of sections (``model``, ``data``, ``loss``, ``train``, ``val``) whose
 keys are the dataclass fields below. Unknown sections or keys are errors that name the file and
 the key, so a typo never silently falls back to a default. Values are coerced to the field type
@@ -20,8 +23,29 @@ import yaml
 from tpas.errors import TpasError
 
 
+__all__ = ["ConfigError", "TrainConfig", "dump_config", "load_config", "resolve_config", "shipped_configs"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the recipes shipped with the package
+
+
 class ConfigError(TpasError):
     """A bad config file or override; the message names the file/override and the key."""
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship with tpas (``--config NAME``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file: ``name_or_path`` if that file exists, else the shipped config of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise ConfigError(f"{name_or_path}: config file not found (shipped configs: {', '.join(shipped_configs())})")
 
 
 @dataclass
@@ -226,21 +250,20 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML run config (or start from defaults when ``path`` is None) and apply overrides."""
+    """Read a YAML run config (a path or a shipped config's name; defaults when ``path`` is None)
+    and apply overrides."""
     data: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
-        path = Path(path)
+        path = resolve_config(path)
         where = str(path)
-        try:
-            with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
+            try:
                 data = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                line = f":{mark.line + 1}" if mark is not None else ""
+                raise ConfigError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
         data.setdefault("name", path.stem)

@@ -4,7 +4,7 @@ Steps (each logged, each skipped when its finished-marker is already there, so a
 resumes where it stopped):
 
 1. ``data``   generate mini-PAB (procedural pedestrians + captions, PAB layout)
-2. ``train``  train the ``lite`` model with ``configs/minipab-lite.yaml``
+2. ``train``  train the ``lite`` model with the shipped ``minipab-lite`` config
 3. ``index``  index the test gallery (with image tokens, for ITM): shared by eval and the page
 4. ``eval``   evaluate on the test split: ITC only, + ITM re-ranking, + SCA  -> results.md/json
 5. ``report`` report.html: the table plus links to each setting's retrieval report
@@ -28,15 +28,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tpas.config import resolve_config
 from tpas.errors import TpasError
+from tpas.eval.metrics import Metrics
+from tpas.eval.tables import FIGURES, html_table, markdown_table
 from tpas.utils.io import write_json, write_text
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "minipab-lite.yaml"
-# a checkout (editable install) keeps configs/ at the repository root; a wheel may ship tpas/configs/
-REPO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / CONFIG_NAME
-METRIC_KEYS = ("R@1", "R@5", "R@10", "mAP", "mINP")
+__all__ = ["DemoOptions", "Setting", "default_out", "run_demo", "serve_demo", "settings_for"]
+
+CONFIG_NAME = "minipab-lite"  # a config shipped in tpas/configs/
+COLUMNS = (*FIGURES, "normal R@1", "anomaly R@1")  # the demo table's columns
 
 
 @dataclass
@@ -55,7 +58,7 @@ class DemoOptions:
     out: Path
     identities: int = 1000
     seed: int = 0
-    config: Path | None = None  # default: configs/minipab-lite.yaml
+    config: str | Path | None = None  # a shipped config name or a YAML path; default minipab-lite
     overrides: list[str] = field(default_factory=list)  # dotted key=value for the training config
     rerank: int = 16  # ITM re-ranks the ITC top-K in the evaluation table
     zero_shot: bool = False  # also evaluate the untrained lite model
@@ -64,14 +67,11 @@ class DemoOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     examples: int = 12
+    device: str = "auto"  # where the model runs (training follows train.device)
 
 
 def default_config() -> Path:
-    for candidate in (REPO_CONFIG, Path(__file__).resolve().parent / "configs" / CONFIG_NAME,
-                      Path.cwd() / "configs" / CONFIG_NAME):
-        if candidate.is_file():
-            return candidate
-    raise TpasError(f"cannot find configs/{CONFIG_NAME}; pass --config")
+    return resolve_config(CONFIG_NAME)
 
 
 def default_out() -> Path:
@@ -150,85 +150,49 @@ def train_model(opts: DemoOptions, data_dir: Path, train_dir: Path) -> Path:
     return best
 
 
-def load_model(name_or_dir: str | Path):
-    from tpas.models import create_model
-
-    return create_model(name_or_dir).eval()
-
-
 def evaluate(opts: DemoOptions, data_dir: Path, model_dir: Path, index_dir: Path, eval_dir: Path) -> list[dict[str, Any]]:
     """Run every setting (each writes ``metrics.json`` + ``report.html`` in its own folder).
 
-    The trained model's settings share the gallery index of the ``index`` step (built with image
-    tokens), so the gallery is encoded once for the whole table and the search page.
+    Settings of one model at one re-rank depth share one ranking ("+ SCA" post-processes the
+    ranking of "+ ITM re-rank": ITM is the costly part), and the trained model's rankings use the
+    gallery index of the ``index`` step, so the gallery is encoded once for the table and the page.
     """
     from tpas.data.datasets import load_eval
     from tpas.eval.run import run_eval
+    from tpas.models import create_model
+    from tpas.search.ranking import rank_evalset
 
     evalset = load_eval(data_dir, "pab", "test")
     rows = []
     models: dict[bool, Any] = {}
-    caches: dict[bool, dict] = {}  # per model: "+ SCA" re-uses the scores of "+ ITM re-rank" (ITM is the costly part)
+    rankings: dict[tuple[bool, int], Any] = {}
     for s in settings_for(opts):
         out = eval_dir / s.name
         if (out / "metrics.json").is_file():
             log.info("[demo] eval %-12s already done", s.name)
-            metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+            metrics = Metrics.from_dict(json.loads((out / "metrics.json").read_text(encoding="utf-8")))
         else:
             if s.trained not in models:
-                models[s.trained] = load_model(model_dir if s.trained else "lite")
+                models[s.trained] = create_model(model_dir if s.trained else "lite", device=opts.device)
+            model, key = models[s.trained], (s.trained, s.rerank)
+            if key not in rankings:
+                rankings[key] = rank_evalset(model, evalset, rerank=s.rerank, workers=opts.workers,
+                                             index_dir=index_dir if s.trained else None)
             log.info("[demo] eval %-12s (%s)", s.name, s.label)
-            metrics = run_eval(models[s.trained], evalset, rerank=s.rerank, post=s.post, out_dir=out,
-                               index_dir=index_dir if s.trained else None, workers=opts.workers,
-                               score_cache=caches.setdefault(s.trained, {}))
-        rows.append({**asdict(s), "metrics": pick_metrics(metrics), "report": f"eval/{s.name}/report.html"})
+            metrics = run_eval(model, evalset, post=s.post, out_dir=out, ranking=rankings[key]).metrics
+        rows.append({**asdict(s), "metrics": metrics.to_dict(), "report": f"eval/{s.name}/report.html"})
     return rows
 
 
-def pick_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The headline numbers from a metrics dict, wherever ``run_eval`` nests them."""
-    flat: dict[str, float] = {}
-
-    def visit(d: dict[str, Any], prefix: str = "") -> None:
-        for key, value in d.items():
-            if isinstance(value, dict):
-                visit(value, f"{prefix}{key}/")
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                flat[f"{prefix}{key}"] = float(value)
-
-    visit(metrics)
-    picked = {}
-    for key in METRIC_KEYS:
-        candidates = [k for k in flat if k == key or k.endswith("/" + key)]
-        if candidates:
-            picked[key] = flat[min(candidates, key=len)]  # the overall figure, not a per-group one
-    for group in ("normal", "anomaly"):
-        hit = [k for k in flat if k.endswith(f"{group}/R@1")]
-        if hit:
-            picked[f"{group} R@1"] = flat[hit[0]]
-    return picked
-
-
 def results_markdown(rows: list[dict[str, Any]], header: str = "") -> str:
-    keys = [k for k in (*METRIC_KEYS, "normal R@1", "anomaly R@1") if any(k in r["metrics"] for r in rows)]
-    lines = [header] if header else []
-    lines.append("| setting | " + " | ".join(keys) + " |")
-    lines.append("|---|" + "---:|" * len(keys))
-    for r in rows:
-        cells = [f"{r['metrics'][k]:.2f}" if k in r["metrics"] else "–" for k in keys]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    table = markdown_table([(r["label"], Metrics.from_dict(r["metrics"])) for r in rows], COLUMNS)
+    return f"{header}\n{table}" if header else table
 
 
 def write_report(out: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> Path:
     """``report.html``: the table, what was run, and links to each setting's retrieval report."""
-    keys = [k for k in (*METRIC_KEYS, "normal R@1", "anomaly R@1") if any(k in r["metrics"] for r in rows)]
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = []
-    for r in rows:
-        cells = "".join(f"<td>{r['metrics'][k]:.2f}</td>" if k in r["metrics"] else "<td>–</td>" for k in keys)
-        link = f"<a href=\"{html.escape(r['report'])}\">examples</a>" if (out / r["report"]).is_file() else ""
-        body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}<td>{link}</td></tr>")
+    links = [r["report"] if (out / r["report"]).is_file() else None for r in rows]
+    table = html_table([(r["label"], Metrics.from_dict(r["metrics"])) for r in rows], COLUMNS, links=links)
     facts = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>" for k, v in info.items())
     timings = []
     for marker in sorted((out / ".steps").glob("*.json")):
@@ -254,7 +218,7 @@ code {{ background: #f1f3f6; padding: 1px 4px; border-radius: 4px; }}
 <p>Text-to-image retrieval on a generated mini-PAB test split (R@K, mAP and mINP in percent; every
 query has exactly one positive image). ITM re-ranking re-scores the ITC top-K with the fusion
 head; SCA then resolves queries that claim the same top-1 image.</p>
-<table><thead><tr><th>setting</th>{head}<th></th></tr></thead><tbody>{''.join(body)}</tbody></table>
+{table}
 <h2>Run</h2><ul>{facts}</ul>
 {preview}
 <p>Search it yourself: <code>tpas serve --index {html.escape(str(out / 'index'))} --model {html.escape(str(out / 'model'))} --examples {html.escape(str(out / 'examples.txt'))}</code></p>
@@ -265,13 +229,16 @@ head; SCA then resolves queries that claim the same top-1 image.</p>
     return path
 
 
-def build_gallery_index(data_dir: Path, model_dir: Path, index_dir: Path, workers: int = 0) -> None:
+def build_gallery_index(data_dir: Path, model_dir: Path, index_dir: Path, workers: int = 0,
+                        device: str = "auto") -> None:
     """Index the test gallery with image tokens (``build_index`` resumes an interrupted build)."""
     from tpas.data.datasets import load_eval
+    from tpas.models import create_model
     from tpas.search.index import build_index
 
     gallery = load_eval(data_dir, "pab", "test").gallery
-    build_index(load_model(model_dir), gallery, data_dir, index_dir, keep_tokens=True, workers=workers)
+    build_index(create_model(model_dir, device=device), gallery, data_dir, index_dir, keep_tokens=True,
+                workers=workers)
 
 
 def pick_examples(data_dir: Path, n: int) -> list[str]:
@@ -295,9 +262,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     """Run (or resume) every step; returns the results rows and the paths written."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    opts.config = Path(opts.config) if opts.config else default_config()
-    if not opts.config.is_file():
-        raise TpasError(f"training config not found: {opts.config}")
+    opts.config = resolve_config(opts.config) if opts.config else default_config()
     data_dir, train_dir, model_dir = out / "minipab", out / "train", out / "model"
     eval_dir, index_dir = out / "eval", out / "index"
     steps = Steps(out)
@@ -318,7 +283,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
 
     steps.run("train", train_params, do_train)
 
-    steps.run("index", train_params, lambda: build_gallery_index(data_dir, model_dir, index_dir, opts.workers))
+    steps.run("index", train_params,
+              lambda: build_gallery_index(data_dir, model_dir, index_dir, opts.workers, opts.device))
 
     eval_params = {**train_params, "settings": [asdict(s) for s in settings_for(opts)]}
     rows: list[dict[str, Any]] = []
@@ -353,9 +319,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "examples": examples}
 
 
-def serve_demo(result: dict[str, Any], host: str = "127.0.0.1", port: int = 8000) -> None:
+def serve_demo(result: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, device: str = "auto") -> None:
     from tpas.serve.run import build_app_for, serve_forever
 
-    app = build_app_for(result["index"], result["model"], examples=result["examples"])
+    app = build_app_for(result["index"], result["model"], examples=result["examples"], device=device)
     serve_forever(app, host=host, port=port)
 

@@ -1,5 +1,7 @@
 """Errors that the CLI reports as one line and a non-zero exit, instead of a traceback."""
 
+__all__ = ["DataError", "TpasError"]
+
 
 class TpasError(Exception):
     """A problem with the user's input (a file, a field, an option) that they can fix."""

@@ -1,4 +1,17 @@
-"""CLI subcommands. Each module defines ``register(subparsers)``; the work lives in library functions."""
+"""CLI subcommands: one module per group, each with ``register(subparsers)``; the work lives in library functions.
 
-# name of the module under tpas.commands for each group of subcommands, in help order
-MODULES = ["data", "synth", "train", "search", "evaluate", "serve", "demo", "models"]
+Modules import only ``argparse`` at the top, so ``tpas --help`` stays fast; each command imports
+what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_device_argument"]
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` for every command that runs a model (see :func:`tpas.utils.device.resolve_device`)."""
+    parser.add_argument("--device", default="auto",
+                        help="torch device: auto (this process's GPU when there is one, else cpu), cpu, cuda, cuda:N")

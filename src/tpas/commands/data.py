@@ -88,7 +88,8 @@ def read_lines(path: str) -> list[str]:
 def cmd_metrics(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from tpas.eval.metrics import evaluate, format_table
+    from tpas.eval.metrics import evaluate
+    from tpas.eval.tables import FIGURES, by_group, markdown_table
     from tpas.utils.io import write_json
 
     try:
@@ -105,8 +106,9 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         raise ValueError(f"--ks must be comma-separated integers, got {args.ks!r}") from None
     results = evaluate(scores, query_ids, gallery_ids, ks=ks, query_groups=groups,
                        allow_no_positive=args.allow_no_positive, progress=True)
-    print(format_table(results))
+    columns = ("n", *(f"R@{k}" for k in ks), *FIGURES[3:])
+    print(markdown_table(by_group(results), columns, first="queries"))
     if args.json:
-        write_json(args.json, results)
+        write_json(args.json, results.to_dict())
         print(f"results written to {args.json}")
     return 0

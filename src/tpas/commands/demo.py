@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tpas.commands import add_device_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -14,13 +16,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run folder (default runs/demo; an existing one is resumed)")
     p.add_argument("--identities", type=int, default=1000, help="mini-PAB identities to generate (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--config", type=Path, help="training config (default configs/minipab-lite.yaml)")
+    p.add_argument("--config", help="training config: a shipped config's name or a YAML path (default minipab-lite)")
     p.add_argument("--rerank", type=int, default=16, help="ITM re-rank depth in the results table (default 16)")
     p.add_argument("--zero-shot", action="store_true", help="also evaluate the untrained lite model")
     p.add_argument("--workers", type=int, default=2, help="processes for data generation (default 2)")
     p.add_argument("--no-serve", dest="serve", action="store_false", help="stop after the report and index")
     p.add_argument("--host", default="127.0.0.1", help="address for the search page (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port for the search page (default 8000; 0 = any free)")
+    add_device_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides, e.g. train.epochs=2")
     p.set_defaults(func=run)
 
@@ -37,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     opts = DemoOptions(out=args.out or default_out(), identities=args.identities, seed=args.seed,
                        config=args.config, overrides=list(args.overrides), rerank=args.rerank,
                        zero_shot=args.zero_shot, workers=args.workers, serve=args.serve,
-                       host=args.host, port=args.port)
+                       host=args.host, port=args.port, device=args.device)
     result = run_demo(opts)
     if opts.serve:
-        serve_demo(result, host=opts.host, port=opts.port)
+        serve_demo(result, host=opts.host, port=opts.port, device=opts.device)
     return 0

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from tpas.commands import add_device_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--report-queries", type=int, default=24, help="queries shown in report.html")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     p.set_defaults(func=run)
 
 
@@ -49,31 +51,25 @@ def parse_options(items: list[str]) -> dict:
     return options
 
 
-def resolve_root(data: str, split: str) -> Path:
-    """For the challenge split accept the dataset root too when it holds ``challenge/query.json``."""
-    root = Path(data)
-    if split == "challenge" and not (root / "query.json").is_file() and (root / "challenge" / "query.json").is_file():
-        return root / "challenge"
-    return root
-
-
 def run(args: argparse.Namespace) -> int:
-    from tpas.commands.search import load_model
     from tpas.data.datasets import load_eval
-    from tpas.eval.metrics import format_table
     from tpas.eval.run import run_eval
+    from tpas.eval.tables import FIGURES, by_group, markdown_table
+    from tpas.models import create_model
 
-    evalset = load_eval(resolve_root(args.data, args.split), args.format, args.split)
-    model = load_model(args.model, args.device)
+    evalset = load_eval(args.data, args.format, args.split)
+    model = create_model(args.model, device=args.device)
     out = Path(args.out) if args.out else Path("runs") / "eval" / args.split
-    result = run_eval(model, evalset, rerank=args.rerank, post=args.post, out_dir=out, index_dir=args.index,
-                      post_options=parse_options(args.post_option), itm_mode=args.itm, weight=args.weight,
+    result = run_eval(model, evalset, rerank=args.rerank, weight=args.weight, itm_mode=args.itm, post=args.post,
+                      post_options=parse_options(args.post_option), out_dir=out, index_dir=args.index,
                       batch_size=args.batch_size, workers=args.workers, report_queries=args.report_queries)
-    setting = f"rerank={args.rerank} post={args.post}"
-    if "R@1" in result:
-        print(format_table(result, title=f"all ({setting})"))
-    if "answer_scores" in result:
-        print(format_table(result["answer_scores"], title="answer.txt"))
-    for name, path in result["outputs"].items():
+    columns = ("n", *FIGURES)
+    if result.metrics is not None:
+        print(markdown_table(by_group(result.metrics, f"all (rerank={args.rerank} post={args.post})"), columns,
+                             first="queries"))
+    if result.answer_metrics is not None:
+        print(markdown_table(by_group(result.answer_metrics, "answer.txt"), ("n", "R@1", "R@5", "R@10"),
+                             first="queries"))
+    for name, path in result.outputs.items():
         print(f"{name}: {path}")
     return 0

@@ -38,7 +38,7 @@ def describe_model(name_or_dir: str) -> dict:
     from tpas.models import create_model
     from tpas.models.base import parameter_counts
 
-    model = create_model(name_or_dir)
+    model = create_model(name_or_dir, device="cpu")
     config = model.config.to_dict()
     config.pop("clip_config", None)  # long; saved in config.json anyway
     return {"name": str(name_or_dir), "family": model.family, "image_size": list(model.image_size),

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from tpas.commands import add_device_argument
+
 log = logging.getLogger(__name__)
 
 DATA_FORMATS = ("pab", "cuhk", "icfg", "rstp")
@@ -31,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="flat = exact inner product (default); ivf/hnsw = approximate, for millions of images")
     p.add_argument("--no-tokens", action="store_true", help="skip the image tokens (smaller index, no re-ranking)")
     p.add_argument("--overwrite", action="store_true", help="replace an index built for another model or gallery")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_device_argument(p)
     p.set_defaults(func=run_index)
 
     s = subparsers.add_parser("search", help="search an index with a text query",
@@ -43,30 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--rerank", type=int, default=0, help="re-rank the ITC top-N with ITM (e.g. 128; default 0 = off)")
     s.add_argument("--itm", default="logit", choices=("logit", "prob"), help="ITM score used in fusion")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s.add_argument("--device", default=None)
+    add_device_argument(s)
     s.set_defaults(func=run_search)
 
 
-def pick_device(device: str | None) -> str:
-    """``--device`` if given; under a multi-process launch ``cuda:LOCAL_RANK``; else cuda or cpu."""
-    import torch
-
-    if device:
-        return device
-    if not torch.cuda.is_available():
-        return "cpu"
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one GPU per process on this node
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    return "cuda"
-
-
-def load_model(name_or_dir: str, device: str | None = None):
-    from tpas.models import create_model
-
-    return create_model(name_or_dir).to(pick_device(device)).eval()
-
-
 def run_index(args: argparse.Namespace) -> int:
+    from tpas.models import create_model
     from tpas.search.index import build_index, gallery_from_folder
 
     if args.images:
@@ -78,7 +62,7 @@ def run_index(args: argparse.Namespace) -> int:
         root = Path(args.data)
         evalset = load_eval(root, args.format, args.split)
         root, gallery = evalset.root, evalset.gallery
-    model = load_model(args.model, args.device)
+    model = create_model(args.model, device=args.device)
     out = build_index(model, gallery, root, args.out, batch_size=args.batch_size, workers=args.workers,
                       chunk_size=args.chunk_size, faiss_kind=args.faiss, keep_tokens=not args.no_tokens,
                       overwrite=args.overwrite)
@@ -90,9 +74,10 @@ def run_index(args: argparse.Namespace) -> int:
 def run_search(args: argparse.Namespace) -> int:
     import json
 
+    from tpas.models import create_model
     from tpas.search.engine import SearchEngine
 
-    engine = SearchEngine(args.index, load_model(args.model, args.device), itm_mode=args.itm)
+    engine = SearchEngine(args.index, create_model(args.model, device=args.device), itm_mode=args.itm)
     text = " ".join(args.text)
     hits = engine.search(text, k=args.k, rerank=args.rerank)
     if args.json:

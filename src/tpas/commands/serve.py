@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tpas.commands import add_device_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve the search page and JSON API over an index",
@@ -13,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
     p.add_argument("--examples", help="text file with example queries for the page, one per line")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    add_device_argument(p)
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
     p.add_argument("--max-rerank", type=int, default=100, help="largest ITM re-rank depth a request may ask for")
     p.add_argument("--max-batch", type=int, default=16,

@@ -1,4 +1,4 @@
-"""``tpas train --config configs/X.yaml [key=value ...] [--resume] [--out DIR]``."""
+"""``tpas train --config NAME|FILE.yaml [key=value ...] [--resume] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -11,11 +11,14 @@ def register(subparsers) -> None:
         description="Fine-tune a model with ITC + ITM. Runs single-process on CPU, or on several GPUs/nodes "
                     "under `accelerate launch -m tpas.cli train ...`. Writes <out>/best and <out>/last "
                     "(load them with create_model), checkpoints, log.jsonl.")
-    p.add_argument("--config", "-c", required=True, help="YAML run config (see configs/)")
+    p.add_argument("--config", "-c", required=True, help="run config: a shipped config's name (minipab-lite, pab-xvlm, cuhk-xvlm) "
+                                                           "or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.lr=1e-4 train.epochs=2 data.root=data/mini-pab")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run dir")
     p.add_argument("--out", help="run directory (default: train.out, else runs/<config name>)")
+    p.add_argument("--device", choices=("auto", "cpu"), help="auto = GPUs when present (the default), cpu = force the CPU "
+                                                           "(same as train.device=cpu)")
     p.set_defaults(func=run)
 
 
@@ -26,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.out:
         overrides.append(f"train.out={args.out}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
     config = load_config(args.config, overrides)
     out = train(config, resume=args.resume)
     from accelerate import PartialState

@@ -107,13 +107,10 @@ def _split_images(root: Path, fmt: str, split: str, counts: dict[str, int]) -> l
         counts["train pairs"] = len(data)
         images = [p.image for p in data.pairs] + [p.hard_image for p in data.pairs if p.hard_image]
     else:
-        prefix = ""
-        if split == "challenge" and not (root / "query.json").is_file() and (root / "challenge").is_dir():
-            prefix = "challenge/"  # a mini-PAB root keeps its masked copy in challenge/
-        evalset = load_eval(root / prefix, fmt, split, check_images=False)
+        evalset = load_eval(root, fmt, split, check_images=False)
         counts[f"{split} queries"] = len(evalset.queries)
         counts[f"{split} gallery images"] = len(evalset.gallery)
-        images = [prefix + g.image for g in evalset.gallery]
+        images = [evalset.image_path(g.image).relative_to(root).as_posix() for g in evalset.gallery]
     return images
 
 

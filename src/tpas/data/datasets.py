@@ -16,7 +16,7 @@ from tpas.data.tbps import TBPS_FORMATS, read_tbps_eval, read_tbps_train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "EVAL_SPLITS", "load_train", "load_eval"]
+__all__ = ["FORMATS", "EVAL_SPLITS", "challenge_root", "load_train", "load_eval"]
 
 FORMATS = ("pab", "cuhk", "icfg", "rstp")
 EVAL_SPLITS = {"pab": ("test", "ucc", "challenge"), **{fmt: spec[2][1:] for fmt, spec in TBPS_FORMATS.items()}}
@@ -26,6 +26,15 @@ ANSWER_KEY = "answer_key.json"
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+def challenge_root(root: str | os.PathLike) -> Path:
+    """The folder holding a masked challenge set: ``root`` itself, or ``root/challenge`` when the
+    dataset root keeps its masked copy there (mini-PAB does)."""
+    root = Path(root)
+    if not (root / "query.json").is_file() and (root / "challenge" / "query.json").is_file():
+        return root / "challenge"
+    return root
 
 
 def load_train(root: str | os.PathLike, fmt: str, on_missing: str = "error", check_images: bool = False) -> TrainSet:
@@ -44,8 +53,8 @@ def load_eval(root: str | os.PathLike, fmt: str, split: str = "test", on_missing
     """Queries + gallery of one evaluation split.
 
     PAB splits: ``test`` (annotation/test/attr.json or pair.json), ``ucc`` (ucc.json) and
-    ``challenge`` (``root`` holds query.json and gallery/; ``answer_key.json`` beside them, when
-    present, fills the targets). TBPS splits: ``test`` and, for cuhk/rstp, ``val``.
+    ``challenge`` (``root`` or ``root/challenge`` holds query.json and gallery/; ``answer_key.json``
+    beside them, when present, fills the targets). TBPS splits: ``test`` and, for cuhk/rstp, ``val``.
     """
     _check_format(fmt)
     if split not in EVAL_SPLITS[fmt]:
@@ -54,8 +63,9 @@ def load_eval(root: str | os.PathLike, fmt: str, split: str = "test", on_missing
         return read_tbps_eval(root, fmt, split, on_missing=on_missing, check_images=check_images)
     if split != "challenge":
         return read_pab_test(root, split, on_missing=on_missing, check_images=check_images)
+    root = challenge_root(root)
     evalset = read_pab_challenge(root)
-    key = Path(root) / ANSWER_KEY
+    key = root / ANSWER_KEY
     if key.is_file():
         log.info("attaching ground truth from %s", key)
         evalset = attach_challenge_key(evalset, key)

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tpas.data.records import EvalSet, GalleryImage, ImageText, Query, TrainSet
+from tpas.data.text_augment import eda
 from tpas.data.transforms import EvalTransform, TrainTransform, load_image
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,6 @@ class PairDataset(Dataset):
         return self.transform(load_image(self.root / rel))
 
     def __getitem__(self, index: int) -> dict:
-        from tpas.train.losses import eda
-
         pair = self.pairs[index]
         rng = random.Random(_mix(self.seed, self.epoch, index))
         caption = pair.caption

@@ -22,18 +22,62 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "evaluate_rankings", "positive_ranks", "format_table"]
+__all__ = ["Metrics", "evaluate", "evaluate_rankings", "positive_ranks"]
 
 CHUNK_BYTES = 256 * 2**20  # working memory per chunk of rows when chunk_size is not given
 MAX_CHUNK_ROWS = 1024
 
 ScoreSource = Any  # np.ndarray | np.memmap | torch.Tensor | Callable[[int, int], rows] | Iterable[rows]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Retrieval figures of a query set, in percent; ``groups`` holds the same per query group.
+
+    ``m["R@1"]``, ``m["mAP"]``, ``m["mINP"]`` and ``m["num_queries"]`` read a figure by the name the
+    tables use; :meth:`to_dict` is the JSON form (``metrics.json``), :mod:`tpas.eval.tables` renders
+    markdown and HTML. ``mAP``/``mINP`` are None for truncated rankings (an ``answer.txt``).
+    """
+
+    recall: dict[int, float]  # K -> R@K
+    num_queries: int
+    mAP: float | None = None
+    mINP: float | None = None
+    groups: dict[str, "Metrics"] = field(default_factory=dict)  # e.g. normal / anomaly
+    num_no_positive: int | None = None  # queries counted as misses (allow_no_positive)
+
+    def __getitem__(self, name: str) -> float:
+        if name.startswith("R@"):
+            return self.recall[int(name[2:])]
+        value = {"mAP": self.mAP, "mINP": self.mINP, "num_queries": self.num_queries}.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f"R@{k}": v for k, v in self.recall.items()}
+        out.update({k: v for k, v in (("mAP", self.mAP), ("mINP", self.mINP)) if v is not None})
+        out["num_queries"] = self.num_queries
+        if self.num_no_positive is not None:
+            out["num_no_positive"] = self.num_no_positive
+        if self.groups:
+            out["groups"] = {name: g.to_dict() for name, g in self.groups.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Metrics":
+        """Inverse of :meth:`to_dict` (reads a saved ``metrics.json``)."""
+        return cls(recall={int(k[2:]): float(v) for k, v in data.items() if k.startswith("R@")},
+                   num_queries=int(data.get("num_queries", 0)), mAP=data.get("mAP"), mINP=data.get("mINP"),
+                   groups={n: cls.from_dict(g) for n, g in (data.get("groups") or {}).items()},
+                   num_no_positive=data.get("num_no_positive"))
 
 
 def _to_numpy(rows: Any) -> np.ndarray:
@@ -117,28 +161,27 @@ def _single_positive_ranks(rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return higher + np.asarray(ties, dtype=np.int64) + 1
 
 
-def _summary(per_query: Mapping[str, np.ndarray], ks: Sequence[int]) -> dict[str, Any]:
-    """Means in percent of per-query arrays: ``first`` (rank of the first positive), ``ap``, ``inp``."""
+def _mean(values: np.ndarray | None) -> float | None:
+    if values is None:
+        return None
+    return float(100.0 * values.mean()) if values.size else 0.0
+
+
+def _summary(per_query: Mapping[str, np.ndarray], ks: Sequence[int], query_groups: Sequence[Any] | None = None,
+             num_no_positive: int | None = None) -> Metrics:
+    """Means in percent of per-query arrays ``first`` (rank of the first positive), ``ap``, ``inp``,
+    over all queries and over each query group."""
     first = per_query["first"]
-    out: dict[str, Any] = {f"R@{k}": float(100.0 * np.mean(first <= k)) if first.size else 0.0 for k in ks}
-    for name, key in (("mAP", "ap"), ("mINP", "inp")):
-        if key in per_query:
-            out[name] = float(100.0 * per_query[key].mean()) if first.size else 0.0
-    out["num_queries"] = int(first.size)
-    return out
-
-
-def _with_groups(per_query: Mapping[str, np.ndarray], ks: Sequence[int], query_groups: Sequence[Any] | None,
-                 n: int) -> dict[str, Any]:
-    result = _summary(per_query, ks)
+    groups: dict[str, Metrics] = {}
     if query_groups is not None:
-        if len(query_groups) != n:
-            raise ValueError(f"{len(query_groups)} query groups for {n} queries")
+        if len(query_groups) != first.size:
+            raise ValueError(f"{len(query_groups)} query groups for {first.size} queries")
         labels = np.asarray([str(x) for x in query_groups])
-        result["groups"] = {
-            label: _summary({k: a[labels == label] for k, a in per_query.items()}, ks) for label in sorted(set(labels))
-        }
-    return result
+        groups = {label: _summary({k: a[labels == label] for k, a in per_query.items()}, ks)
+                  for label in sorted(set(labels))}
+    return Metrics(recall={k: _mean(first <= k) for k in ks}, num_queries=int(first.size),
+                   mAP=_mean(per_query.get("ap")), mINP=_mean(per_query.get("inp")), groups=groups,
+                   num_no_positive=num_no_positive)
 
 
 def evaluate(
@@ -150,7 +193,7 @@ def evaluate(
     chunk_size: int | None = None,
     allow_no_positive: bool = False,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> Metrics:
     """R@K, mAP and mINP (percent) of a queries x gallery score matrix; higher score = better.
 
     ``query_ids[i]`` and ``gallery_ids[j]`` are match labels: gallery item j is a positive of query
@@ -162,7 +205,7 @@ def evaluate(
     A query without any positive in the gallery is an error (its AP is undefined) unless
     ``allow_no_positive``: then it counts as a miss (0 for every metric) and the result reports
     ``num_no_positive``. With ``query_groups`` (a label per query, e.g. normal/anomaly) the result
-    has ``groups: {label: {same keys}}``.
+    has ``groups``: the same figures per label.
     """
     n, g = len(query_ids), len(gallery_ids)
     if n == 0 or g == 0:
@@ -219,10 +262,8 @@ def evaluate(
     if bar is not None:
         bar.close()
 
-    result = _with_groups({"first": first, "ap": ap, "inp": inp}, ks, query_groups, n)
-    if allow_no_positive:
-        result["num_no_positive"] = int(no_pos.size)
-    return result
+    return _summary({"first": first, "ap": ap, "inp": inp}, ks, query_groups,
+                    num_no_positive=int(no_pos.size) if allow_no_positive else None)
 
 
 def evaluate_rankings(
@@ -231,7 +272,7 @@ def evaluate_rankings(
     gallery_targets: Mapping[str, Any] | None = None,
     ks: Sequence[int] = (1, 5, 10),
     query_groups: Sequence[Any] | None = None,
-) -> dict[str, Any]:
+) -> Metrics:
     """R@K of truncated rankings (e.g. an ``answer.txt``: top-10 gallery IDs per query).
 
     An ID is a hit when ``gallery_targets[id]`` (or the ID itself, without a mapping) equals the
@@ -250,19 +291,4 @@ def evaluate_rankings(
             if label == target:
                 first[i] = r
                 break
-    return _with_groups({"first": first}, ks, query_groups, len(rankings))
-
-
-def format_table(results: Mapping[str, Any], title: str = "all") -> str:
-    """A markdown table: one row for all queries, one per group; columns R@K..., mAP, mINP."""
-    metrics = [k for k in results if k.startswith("R@")] + [k for k in ("mAP", "mINP") if k in results]
-    header = "| queries | n | " + " | ".join(metrics) + " |"
-    lines = [header, "|" + "---|" * (len(metrics) + 2)]
-
-    def row(name: str, res: Mapping[str, Any]) -> str:
-        return f"| {name} | {res.get('num_queries', '')} | " + " | ".join(f"{res[m]:.2f}" for m in metrics) + " |"
-
-    lines.append(row(title, results))
-    for name, res in results.get("groups", {}).items():
-        lines.append(row(name, res))
-    return "\n".join(lines)
+    return _summary({"first": first}, ks, query_groups)

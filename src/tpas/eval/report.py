@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tpas.data.records import EvalSet
+from tpas.eval.metrics import Metrics
+from tpas.eval.tables import FIGURES, by_group, html_table
 from tpas.utils.io import write_text
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ReportRow", "write_report"]
 
 
 @dataclass
@@ -71,22 +75,8 @@ table.m{border-collapse:collapse;margin:.5em 0}table.m td,table.m th{border:1px 
 """
 
 
-def _metrics_table(metrics: dict) -> str:
-    keys = [k for k in metrics if k.startswith("R@")] + [k for k in ("mAP", "mINP") if k in metrics]
-    if not keys:
-        return ""
-    rows = [("all", metrics)] + list(metrics.get("groups", {}).items())
-    head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join(
-        f"<tr><th>{html.escape(str(name))}</th><td>{res.get('num_queries', '')}</td>"
-        + "".join(f"<td>{res[k]:.2f}</td>" for k in keys) + "</tr>"
-        for name, res in rows
-    )
-    return f"<table class=m><tr><th>queries</th><th>n</th>{head}</tr>{body}</table>"
-
-
 def write_report(path: str | Path, evalset: EvalSet, rows: Sequence[ReportRow], *, title: str = "tpas retrieval report",
-                 metrics: dict | None = None, settings: dict | None = None, thumb_height: int = 96) -> Path:
+                 metrics: Metrics | None = None, settings: dict | None = None, thumb_height: int = 96) -> Path:
     """Write the report to ``path`` (atomically) and return it.
 
     A thumbnail is outlined green when its gallery image's target equals the query's target, red
@@ -119,7 +109,7 @@ def write_report(path: str | Path, evalset: EvalSet, rows: Sequence[ReportRow], 
 <p>{html.escape(evalset.name)}: {len(evalset.queries)} queries, {len(evalset.gallery)} gallery images.
 Green frame = true match, red = wrong image; the number under each image is its score (fused ITM+ITC
 when re-ranked, else ITC; query-set post-processing changes the order, not these numbers).</p>
-{_metrics_table(metrics or {})}
+{html_table(by_group(metrics), ('n', *FIGURES), first='queries') if metrics is not None else ''}
 <ul>{facts}</ul>
 {''.join(blocks)}
 </body></html>

@@ -1,30 +1,59 @@
-"""The evaluation pipeline: gallery index -> ITC -> (ITM re-rank) -> (post-processing) -> metrics, answer, report.
+"""The evaluation pipeline, top to bottom: rank -> post-process -> score -> write.
 
-Memory: the gallery goes through :func:`tpas.search.index.build_index`, so image tokens live in
-a memory-mapped fp16 file and only the rows of the current candidates are read; queries are
-encoded, scored and re-ranked in chunks. What stays in RAM is the final score matrix (Q x G
-float32: 20,000 x 20,000 = 1.6 GB; post-processing makes one copy) — needed because query-set
-post-processing (SCA and relatives) and the metrics look at every row.
+1. **rank**: :func:`tpas.search.ranking.rank_evalset` (gallery through a persisted index, ITC for
+   every pair, ITM re-rank of each query's top-k, fused order);
+2. **post-process**: query-set methods (:mod:`tpas.search.postprocess`: SCA and relatives);
+3. **score**: R@K, mAP, mINP, overall and per behaviour, when the ground truth is known;
+4. **write**: ``metrics.json``, ``report.html`` and, for a masked challenge set, ``answer.txt``.
+
+Memory: image tokens live in the index's memory-mapped fp16 file and only the rows of the current
+candidates are read; queries are encoded and re-ranked in chunks. What stays in RAM is the score
+matrix (Q x G float32: 20,000 x 20,000 = 1.6 GB; post-processing makes one copy), because
+query-set post-processing and the metrics look at every row.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tpas.data.records import EvalSet
+from tpas.eval.metrics import Metrics, evaluate, evaluate_rankings
 from tpas.search.postprocess import POST_METHODS, postprocess
-from tpas.search.rerank import DEFAULT_WEIGHT, rerank_scores, resolve_weight, top_k
+from tpas.search.ranking import Ranking, rank_evalset, top_k
 from tpas.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
+__all__ = ["EvalResult", "is_challenge", "run_eval", "sample_queries"]
+
 TOP = 10  # ranking depth kept for answer.txt and the report
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produced. ``metrics`` is None when the ground truth is hidden;
+    ``answer_metrics`` scores the written ``answer.txt`` when the set carries an answer key."""
+
+    settings: dict[str, Any]
+    metrics: Metrics | None = None
+    answer_metrics: Metrics | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``metrics.json``): the metrics at the top level, then the rest."""
+        out = self.metrics.to_dict() if self.metrics is not None else {}
+        if self.answer_metrics is not None:
+            out["answer_scores"] = self.answer_metrics.to_dict()
+        out.update(settings=self.settings, timings={k: round(v, 3) for k, v in self.timings.items()},
+                   outputs=self.outputs)
+        return out
 
 
 def is_challenge(evalset: EvalSet) -> bool:
@@ -32,48 +61,88 @@ def is_challenge(evalset: EvalSet) -> bool:
     return evalset.name.startswith("pab-challenge")
 
 
-def gallery_index(model, evalset: EvalSet, index_dir: str | Path, keep_tokens: bool, batch_size: int = 64,
-                  workers: int = 0, progress: bool = True):
-    """Build (or reuse, or resume) the index of ``evalset``'s gallery in ``index_dir`` and open it."""
-    from tpas.search.index import build_index, open_index
+def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None = None, itm_mode: str = "logit",
+             post: str = "none", post_options: dict[str, Any] | None = None, out_dir: str | Path | None = None,
+             index_dir: str | Path | None = None, ranking: Ranking | None = None, batch_size: int = 64, workers: int = 0,
+             report_queries: int = 24, progress: bool = True) -> EvalResult:
+    """Evaluate ``model`` on ``evalset``; with ``out_dir``, write ``metrics.json``, ``report.html``
+    (and ``answer.txt``) there.
 
-    index_dir = Path(index_dir)
-    build_index(model, evalset.gallery, evalset.root, index_dir, batch_size=batch_size, workers=workers,
-                keep_tokens=keep_tokens, progress=progress)
-    index = open_index(index_dir, model, root=evalset.root)
-    if keep_tokens and not index.has_tokens:  # an earlier ITC-only run left an index without tokens
-        build_index(model, evalset.gallery, evalset.root, index_dir, batch_size=batch_size, workers=workers,
-                    keep_tokens=True, overwrite=True, progress=progress)
-        index = open_index(index_dir, model, root=evalset.root)
-    if index.ids != [g.image_id for g in evalset.gallery]:
-        raise ValueError(f"index {index_dir} does not hold this gallery")
-    return index
+    ``rerank`` = ITC top-k re-scored by ITM (0 = ITC only), fused with ``weight`` (None = the
+    model's calibrated weight, else upstream's). ``post`` = none | sca | one_to_one | dual_softmax
+    (valid only when each gallery image answers at most one query; see
+    :mod:`tpas.search.postprocess`), with ``post_options``. The gallery index goes to ``index_dir``
+    (default ``out_dir/index``, reused when it matches; in memory when neither is given). ``ranking``: a ranking of this evalset made
+    earlier (by :func:`~tpas.search.ranking.rank_evalset`) to post-process and score again without
+    re-ranking; ``rerank`` and ``weight`` then come from it.
+    """
+    if post not in POST_METHODS:
+        raise ValueError(f"unknown post-processing {post!r}; choose from {POST_METHODS}")
+    out = Path(out_dir) if out_dir is not None else None
+    timings: dict[str, float] = {}
+
+    # 1. rank
+    t0 = time.perf_counter()
+    if ranking is None:  # without an index folder the gallery is encoded in memory (training validation)
+        ranking = rank_evalset(model, evalset, rerank=rerank, weight=weight, itm_mode=itm_mode,
+                               index_dir=index_dir or (out / "index" if out is not None else None),
+                               batch_size=batch_size, workers=workers, progress=progress)
+    timings["rank_s"] = time.perf_counter() - t0
+
+    # 2. post-process
+    t0 = time.perf_counter()
+    scores = ranking.score_matrix()
+    sample = sample_queries(evalset, report_queries)
+    shown = scores[sample].copy()  # the report shows similarity scores, not post-processing's order-only values
+    if post != "none":
+        scores = postprocess(scores, post, ranking.text_embeds, **(post_options or {}))
+    timings["post_s"] = time.perf_counter() - t0
+
+    # 3. score
+    result = EvalResult(settings={
+        "model_family": getattr(model, "family", type(model).__name__), "eval_set": evalset.name,
+        "queries": len(evalset.queries), "gallery": len(evalset.gallery), "rerank": ranking.rerank,
+        "itm": itm_mode if ranking.rerank else None, "fusion_weight": ranking.weight, "post": post,
+        "post_options": dict(post_options or {})})
+    if evalset.has_ground_truth:
+        t0 = time.perf_counter()
+        result.metrics = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(),
+                                  query_groups=_groups(evalset))
+        timings["metrics_s"] = time.perf_counter() - t0
+    else:
+        log.info("%s has no ground truth: no metrics", evalset.name)
+    result.timings = timings
+
+    # 4. write
+    if out is not None:
+        _write_outputs(out, result, evalset, scores, sample, shown)
+    return result
 
 
-def score_queries(model, evalset: EvalSet, index, rerank: int = 0, chunk_size: int = 512, text_batch_size: int = 128,
-                  itm_mode: str = "logit", weight: float = DEFAULT_WEIGHT, itm_batch_size: int | None = None,
-                  progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [Q,G] float32, text embeddings [Q,E]): ITC for every pair, ITM-fused on each top-``rerank``."""
-    from tqdm.auto import tqdm
+def _groups(evalset: EvalSet) -> list[str] | None:
+    """Behaviour label per query, or None when no query has one (no per-group figures)."""
+    groups = evalset.query_groups()
+    return groups if any(g != "unknown" for g in groups) else None
 
-    from tpas.search.encode import encode_texts
 
-    captions = [q.caption for q in evalset.queries]
-    n, g = len(captions), len(index)
-    scores = np.empty((n, g), dtype=np.float32)
-    text_embeds = np.empty((n, index.embeds.shape[1]), dtype=np.float32)
-    gallery = np.ascontiguousarray(index.embeds)
-    for start in tqdm(range(0, n, chunk_size), desc="score queries", unit="chunk", disable=not progress or n <= chunk_size):
-        stop = min(n, start + chunk_size)
-        enc = encode_texts(model, captions[start:stop], batch_size=text_batch_size, keep_tokens=rerank > 0,
-                           progress=False)
-        text_embeds[start:stop] = enc.embeds
-        itc = enc.embeds @ gallery.T
-        if rerank > 0:
-            itc = rerank_scores(model, itc, enc.tokens, enc.mask, index.tokens, k=rerank, weight=weight,
-                                mode=itm_mode, batch_size=itm_batch_size, progress=progress and n <= chunk_size)
-        scores[start:stop] = itc
-    return scores, text_embeds
+def _write_outputs(out: Path, result: EvalResult, evalset: EvalSet, scores: np.ndarray, sample: list[int],
+                   shown: np.ndarray) -> None:
+    """answer.txt (challenge sets), report.html and metrics.json (last) under ``out``."""
+    from tpas.eval.report import ReportRow, write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    top_rows = _top_rows(scores, TOP)
+    if is_challenge(evalset) and len(evalset.gallery) < TOP:
+        log.warning("gallery has %d images: answer.txt needs %d per query; not written", len(evalset.gallery), TOP)
+    elif is_challenge(evalset):
+        result.outputs["answer"] = str(_write_answer(out / "answer.txt", evalset, top_rows, result))
+    ranks = _first_positive_ranks(scores, evalset, sample)
+    rows = [ReportRow(q, top_rows[q], shown[i, top_rows[q]], r) for i, (q, r) in enumerate(zip(sample, ranks))]
+    result.outputs["report"] = str(write_report(out / "report.html", evalset, rows, metrics=result.metrics,
+                                                settings=result.settings,
+                                                title=f"tpas retrieval report: {evalset.name}"))
+    result.outputs["metrics"] = str(out / "metrics.json")
+    write_json(out / "metrics.json", result.to_dict())
 
 
 def _first_positive_ranks(scores: np.ndarray, evalset: EvalSet, queries: list[int]) -> list[int | None]:
@@ -102,111 +171,12 @@ def sample_queries(evalset: EvalSet, n: int, seed: int = 0) -> list[int]:
     return sorted(picked)[:n] if len(picked) > n else sorted(picked)
 
 
-def run_eval(model, evalset: EvalSet, rerank: int = 0, post: str = "none", out_dir: str | Path | None = None, *,
-             index_dir: str | Path | None = None, post_options: dict[str, Any] | None = None,
-             itm_mode: str = "logit", weight: float | None = None, batch_size: int = 64, workers: int = 0,
-             query_chunk: int = 512, itm_batch_size: int | None = None, report_queries: int = 24, seed: int = 0,
-             score_cache: dict | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``model`` on ``evalset``; write ``metrics.json``, ``report.html`` (and ``answer.txt``) to ``out_dir``.
-
-    ``rerank`` = ITC top-k re-scored by ITM (0 = ITC only); ``post`` = none | sca | one_to_one |
-    dual_softmax (valid only when each gallery image answers at most one query; see
-    :mod:`tpas.search.postprocess`), with ``post_options`` passed to it. The gallery index goes to
-    ``index_dir`` (default ``out_dir/index``; reused when it already matches). Returns the metrics
-    (``R@1``, ``R@5``, ``R@10``, ``mAP``, ``mINP``, ``num_queries``, ``groups``) when the ground
-    truth is known, plus ``settings``, ``timings`` and ``outputs``.
-    """
-    if post not in POST_METHODS:
-        raise ValueError(f"unknown post-processing {post!r}; choose from {POST_METHODS}")
-    if rerank < 0:
-        raise ValueError("rerank must be >= 0")
-    if not evalset.queries or not evalset.gallery:
-        raise ValueError(f"{evalset.name}: nothing to evaluate ({len(evalset.queries)} queries, "
-                         f"{len(evalset.gallery)} gallery images)")
-    weight = resolve_weight(model, weight)
-    out = Path(out_dir) if out_dir is not None else None
-    scratch = None
-    if index_dir is None:
-        if out is None:
-            scratch = tempfile.TemporaryDirectory(prefix="tpas-eval-")
-            index_dir = Path(scratch.name) / "index"
-        else:
-            index_dir = out / "index"
-    post_options = dict(post_options or {})
-    timings: dict[str, float] = {}
-    try:
-        t0 = time.perf_counter()
-        index = gallery_index(model, evalset, index_dir, keep_tokens=rerank > 0, batch_size=batch_size,
-                              workers=workers, progress=progress)
-        timings["gallery_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        key = (rerank, itm_mode, weight)
-        if score_cache is not None and key in score_cache:
-            log.info("reusing the query scores of re-rank depth %d", rerank)
-        else:
-            computed = score_queries(model, evalset, index, rerank=rerank, chunk_size=query_chunk, itm_mode=itm_mode,
-                                     weight=weight, itm_batch_size=itm_batch_size, progress=progress)
-            if score_cache is None:
-                score_cache = {}
-            score_cache[key] = computed
-        scores, text_embeds = (a.copy() for a in score_cache[key])  # post-processing must not alter the cache
-        timings["queries_s"] = time.perf_counter() - t0
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
-    t0 = time.perf_counter()
-    sample = sample_queries(evalset, report_queries, seed)
-    shown = scores[sample].copy()  # the report shows similarity scores, not post-processing's order-only values
-    if post != "none":
-        scores = postprocess(scores, post, text_embeds, **post_options)
-    timings["post_s"] = time.perf_counter() - t0
-
-    settings = {"model_family": getattr(model, "family", type(model).__name__), "eval_set": evalset.name,
-                "queries": len(evalset.queries), "gallery": len(evalset.gallery), "rerank": rerank,
-                "itm": itm_mode if rerank else None, "fusion_weight": weight if rerank else None, "post": post,
-                "post_options": post_options}
-    result: dict[str, Any] = {}
-    if evalset.has_ground_truth:
-        from tpas.eval.metrics import evaluate
-
-        groups = evalset.query_groups()
-        t0 = time.perf_counter()
-        result.update(evaluate(scores, evalset.query_targets(), evalset.gallery_targets(),
-                               query_groups=groups if any(g != "unknown" for g in groups) else None))
-        timings["metrics_s"] = time.perf_counter() - t0
-    else:
-        log.info("%s has no ground truth: no metrics", evalset.name)
-    top_rows, _ = _top_rows(scores, TOP)
-    outputs: dict[str, str] = {}
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        if is_challenge(evalset) and len(evalset.gallery) < TOP:
-            log.warning("gallery has %d images: answer.txt needs %d per query; not written", len(evalset.gallery), TOP)
-        elif is_challenge(evalset):
-            outputs["answer"] = str(_write_answer(out / "answer.txt", evalset, top_rows, result))
-        from tpas.eval.report import ReportRow, write_report
-
-        ranks = _first_positive_ranks(scores, evalset, sample)
-        rows = [ReportRow(q, top_rows[q], shown[i, top_rows[q]], rank) for i, (q, rank) in enumerate(zip(sample, ranks))]
-        outputs["report"] = str(write_report(out / "report.html", evalset, rows, metrics=result, settings=settings,
-                                             title=f"tpas retrieval report: {evalset.name}"))
-        outputs["metrics"] = str(out / "metrics.json")
-    result.update(settings=settings, timings={k: round(v, 3) for k, v in timings.items()}, outputs=outputs)
-    if out is not None:
-        write_json(out / "metrics.json", result)
-    return result
+def _top_rows(scores: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Gallery rows of each query's top-``k`` [Q,k], in chunks of queries."""
+    return np.concatenate([top_k(scores[s:s + chunk], k)[0] for s in range(0, scores.shape[0], chunk)])
 
 
-def _top_rows(scores: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    rows, vals = [], []
-    for s in range(0, scores.shape[0], chunk):
-        r, v = top_k(scores[s:s + chunk], k)
-        rows.append(r)
-        vals.append(v)
-    return np.concatenate(rows), np.concatenate(vals)
-
-
-def _write_answer(path: Path, evalset: EvalSet, top_rows: np.ndarray, result: dict[str, Any]) -> Path:
+def _write_answer(path: Path, evalset: EvalSet, top_rows: np.ndarray, result: EvalResult) -> Path:
     """answer.txt from the top-10; scored against the answer key when the set carries one."""
     from tpas.data.submission import write_answer
 
@@ -214,12 +184,8 @@ def _write_answer(path: Path, evalset: EvalSet, top_rows: np.ndarray, result: di
     rankings = [[ids[j] for j in row] for row in top_rows]
     write_answer(path, rankings)
     if evalset.has_ground_truth:
-        from tpas.eval.metrics import evaluate_rankings
-
         targets = {g.image_id: g.target for g in evalset.gallery}
-        groups = evalset.query_groups()
-        result["answer_scores"] = evaluate_rankings(
-            rankings, evalset.query_targets(), targets,
-            query_groups=groups if any(g != "unknown" for g in groups) else None)
+        result.answer_metrics = evaluate_rankings(rankings, evalset.query_targets(), targets,
+                                                  query_groups=_groups(evalset))
     log.info("wrote %s (%d queries)", path, len(rankings))
     return path

@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from tpas.models.base import CONFIG_NAME, WEIGHTS_NAME, RetrievalModel, read_config_file
+from tpas.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
+
+__all__ = ["create_model", "describe_models", "from_pretrained", "get_family", "list_models", "register_config",
+           "register_family"]
 
 # family -> module that defines it (imported on first use)
 FAMILY_MODULES: dict[str, str] = {
@@ -90,13 +96,27 @@ def describe_models() -> dict[str, str]:
     return {name: nc.description for name, nc in sorted(_NAMED.items())}
 
 
-def create_model(name_or_dir: str | Path, checkpoint: str | Path | None = None, **overrides: Any) -> RetrievalModel:
-    """Build a model from a named config or a directory written by ``save_pretrained``.
+def create_model(name_or_dir: str | Path, checkpoint: str | Path | None = None, *,
+                 device: str | torch.device | None = None, **overrides: Any) -> RetrievalModel:
+    """Build a model from a named config or a directory written by ``save_pretrained``, on ``device``.
 
     ``checkpoint`` is a family-specific weight file (e.g. an official X-VLM ``.th``) loaded after
     construction; ``overrides`` replace config fields (``image_size=(384, 128)``) or are passed to
-    the family's builder.
+    the family's builder. ``device`` None/"auto" = this process's GPU when there is one, else the
+    CPU (:func:`tpas.utils.device.resolve_device`). The model comes back in eval mode.
+
+    Example::
+
+        model = create_model("runs/demo/model", device="cpu")
+        enc = model.encode_text(*model.tokenize(["a man falls off his bicycle"]))
     """
+    model = _create(name_or_dir, checkpoint, overrides)
+    if device is None and any(p.is_meta for p in model.parameters()):
+        return model.eval()  # built under `with torch.device("meta")` (shapes only): nothing to move
+    return model.to(resolve_device(device)).eval()
+
+
+def _create(name_or_dir: str | Path, checkpoint: str | Path | None, overrides: dict[str, Any]) -> RetrievalModel:
     path = Path(name_or_dir)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         model = from_pretrained(path, **overrides)

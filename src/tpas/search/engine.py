@@ -1,9 +1,9 @@
-"""Text -> images over a persisted index: the one search function the CLI and the web server share.
+"""Text -> images over a persisted index: the search function the CLI and the web server share.
 
-``SearchEngine.search`` encodes the text, takes the FAISS top candidates by ITC and, when asked,
-re-ranks the first ``rerank`` of them with ITM (:mod:`tpas.search.rerank`). Query-set
-post-processing (SCA and relatives) is deliberately absent here: a single query has no other
-queries to be compared with.
+``SearchEngine.search`` ranks the index for a text through :func:`tpas.search.ranking.rank`
+(FAISS candidates by ITC, optional ITM re-rank of the first ``rerank``) and turns the ranking
+into :class:`Hit` records. Query-set post-processing (SCA and relatives) is deliberately absent
+here: a single query has no other queries to be compared with.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tpas.search.encode import encode_texts
 from tpas.search.index import GalleryIndex, open_index
-from tpas.search.rerank import rerank_candidates, resolve_weight
+from tpas.search.ranking import Ranking, rank, resolve_weight
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Hit", "SearchEngine"]
 
 
 @dataclass(frozen=True)
@@ -70,31 +71,19 @@ class SearchEngine:
                 raise ValueError("empty query text")
         if not texts:
             return []
-        enc = encode_texts(self.model, texts, keep_tokens=rerank > 0, progress=False)
-        itc, rows = self.index.search(enc.embeds, max(k, rerank))
-        head = min(rerank, rows.shape[1])
-        itm = np.full(rows.shape, np.nan, dtype=np.float32)
-        final = itc.copy()
-        if head > 0:
-            itm_head, fused = rerank_candidates(self.model, enc.tokens, enc.mask, self.index.tokens,
-                                                rows[:, :head], itc[:, :head], weight=self.weight,
-                                                mode=self.itm_mode, batch_size=self.batch_size)
-            order = np.argsort(-fused, axis=1, kind="stable")
-            take = lambda a: np.take_along_axis(a[:, :head], order, axis=1)  # noqa: E731
-            rows[:, :head], itc[:, :head], itm[:, :head] = take(rows), take(itc), take(itm_head)
-            final[:, :head] = np.take_along_axis(fused, order, axis=1)
-            if rows.shape[1] > head:
-                final[:, head:] = itc[:, head:] - np.nanmax(itc, axis=1, keepdims=True) - 1.0
-        return [self._hits(rows[i], final[i], itc[i], itm[i], k) for i in range(len(texts))]
+        ranking = rank(self.model, texts, self.index, depth=k, rerank=rerank, weight=self.weight,
+                       itm_mode=self.itm_mode, exact=False, itm_batch_size=self.batch_size)
+        return [self._hits(ranking, i, k) for i in range(len(texts))]
 
-    def _hits(self, rows, final, itc, itm, k) -> list[Hit]:
-        hits = []
-        for row, score, s_itc, s_itm in zip(rows, final, itc, itm):
+    def _hits(self, ranking: Ranking, query: int, k: int) -> list[Hit]:
+        hits: list[Hit] = []
+        for row, score, itc, itm in zip(ranking.rows[query], ranking.score[query], ranking.itc[query],
+                                        ranking.itm[query]):
             if row < 0 or not np.isfinite(score):
                 continue  # FAISS found fewer candidates than asked for
             item = self.index.items[int(row)]
-            hits.append(Hit(rank=len(hits) + 1, image_id=item.image_id, score=float(score), itc_score=float(s_itc),
-                            itm_score=None if np.isnan(s_itm) else float(s_itm), path=self.index.root / item.image))
+            hits.append(Hit(rank=len(hits) + 1, image_id=item.image_id, score=float(score), itc_score=float(itc),
+                            itm_score=None if np.isnan(itm) else float(itm), path=self.index.root / item.image))
             if len(hits) == k:
                 break
         return hits

@@ -38,11 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tpas.data.records import Behaviour, GalleryImage
+from tpas.data.records import Behaviour, EvalSet, GalleryImage
 from tpas.errors import DataError, TpasError
 from tpas.utils.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
+
+__all__ = ["FAISS_KINDS", "GalleryIndex", "TokenStore", "build_index", "gallery_from_folder", "index_evalset",
+           "model_fingerprint", "open_index"]
 
 INDEX_VERSION = 1
 META = "meta.json"
@@ -461,3 +464,19 @@ def open_index(directory: str | Path, model=None, root: str | Path | None = None
         raise TpasError(f"index {directory} is inconsistent: {len(items)} items, {len(embeds)} embeddings")
     return GalleryIndex(directory=directory, meta=meta, items=items, embeds=embeds,
                         root=Path(root) if root is not None else Path(meta["gallery_root"]))
+
+
+def index_evalset(model, evalset: EvalSet, index_dir: str | Path, keep_tokens: bool, batch_size: int = 64,
+                  workers: int = 0, progress: bool = True) -> GalleryIndex:
+    """Build (or reuse, or resume) the index of ``evalset``'s gallery in ``index_dir`` and open it."""
+    index_dir = Path(index_dir)
+    build_index(model, evalset.gallery, evalset.root, index_dir, batch_size=batch_size, workers=workers,
+                keep_tokens=keep_tokens, progress=progress)
+    index = open_index(index_dir, model, root=evalset.root)
+    if keep_tokens and not index.has_tokens:  # an earlier ITC-only run left an index without tokens
+        build_index(model, evalset.gallery, evalset.root, index_dir, batch_size=batch_size, workers=workers,
+                    keep_tokens=True, overwrite=True, progress=progress)
+        index = open_index(index_dir, model, root=evalset.root)
+    if index.ids != [g.image_id for g in evalset.gallery]:
+        raise TpasError(f"index {index_dir} does not hold this gallery")
+    return index

@@ -19,7 +19,7 @@ import logging
 
 import numpy as np
 
-from tpas.search.rerank import top_k
+from tpas.search.ranking import top_k
 
 log = logging.getLogger(__name__)
 

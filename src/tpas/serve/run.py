@@ -96,17 +96,16 @@ def read_examples(path: str | Path | None) -> list[str] | None:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def load_engine(index: str | Path, model: str | Path, device: str = "cpu"):
+def load_engine(index: str | Path, model: str | Path, device: str | None = None):
     """A :class:`~tpas.search.engine.SearchEngine` over ``index`` with the model from ``model``."""
     from tpas.models import create_model
     from tpas.search.engine import SearchEngine
 
-    net = create_model(model).to(device).eval()
-    return SearchEngine(index, net)
+    return SearchEngine(index, create_model(model, device=device))
 
 
 def build_app_for(index: str | Path, model: str | Path, examples: Sequence[str] | None = None,
-                  device: str = "cpu", **kwargs: Any):
+                  device: str | None = None, **kwargs: Any):
     """Engine + app in one call (``tpas serve`` and the demo)."""
     from tpas.serve.app import create_app
 

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tpas.config import LossSection, TrainConfig, dump_config
+from tpas.eval.metrics import Metrics
 from tpas.errors import TpasError
 from tpas.utils.io import write_text
 
@@ -160,7 +161,7 @@ class Trainer:
         from tpas.models import create_model
 
         mcfg = self.config.model
-        model = create_model(mcfg.name, checkpoint=mcfg.checkpoint, **mcfg.options)
+        model = create_model(mcfg.name, checkpoint=mcfg.checkpoint, device=self.accelerator.device, **mcfg.options)
         if mcfg.train_text_layers is not None or mcfg.train_image_blocks is not None:
             if not hasattr(model, "set_trainable"):
                 raise TpasError(f"model {mcfg.name!r} has no set_trainable: remove model.train_* options")
@@ -307,15 +308,19 @@ class Trainer:
                  self.state["batch"])
 
     # -- validation ----------------------------------------------------------------------------
-    def validate(self) -> dict[str, float] | None:
-        """ITC text-to-image R@K/mAP on the held-out training identities (main process only)."""
+    def validate(self) -> Metrics | None:
+        """Retrieval metrics on the held-out training identities (main process only), through the same
+        path as ``tpas eval`` (:func:`tpas.eval.run.run_eval`), so validation and test figures agree
+        by construction."""
+        from tpas.eval.run import run_eval
+
         acc = self.accelerator
         metrics = None
         if acc.is_main_process and self.valset is not None:
             with torch.random.fork_rng(devices=[]):
-                metrics = evaluate_itc(self.unwrapped, self.valset, self.config.val.batch_size)
+                metrics = run_eval(self.unwrapped, self.valset, progress=False).metrics
             improved = metrics["R@1"] > self.state["best_r1"]
-            self._log({"step": self.state["step"], "epoch": self.state["epoch"], "val": metrics,
+            self._log({"step": self.state["step"], "epoch": self.state["epoch"], "val": metrics.to_dict(),
                        "best": improved})
             log.info("validation at step %d: R@1 %.2f R@5 %.2f mAP %.2f%s", self.state["step"], metrics["R@1"],
                      metrics["R@5"], metrics["mAP"], " (best)" if improved else "")
@@ -325,13 +330,14 @@ class Trainer:
         acc.wait_for_everyone()
         return metrics
 
-    def _save_best(self, metrics: dict[str, float]) -> None:
+    def _save_best(self, metrics: Metrics) -> None:
         from tpas.utils.io import write_json
 
         tmp = self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
         self.unwrapped.save_pretrained(tmp)
-        write_json(tmp / "metrics.json", {"step": self.state["step"], "epoch": self.state["epoch"], **metrics})
+        write_json(tmp / "metrics.json", {"step": self.state["step"], "epoch": self.state["epoch"],
+                                          **metrics.to_dict()})
         _replace_dir(tmp, self.out / "best")
 
     # -- logging -------------------------------------------------------------------------------
@@ -453,7 +459,7 @@ class Trainer:
         k, best = self.config.val.calibrate_rerank, self.out / "best"
         if k <= 0 or self.valset is None or not (best / "config.json").is_file():
             return
-        model = create_model(best)
+        model = create_model(best, device=self.accelerator.device)
         if model.config.rerank_weight is not None:
             return  # already calibrated (a resumed run that had finished)
         with torch.random.fork_rng(devices=[]):
@@ -468,26 +474,6 @@ class Trainer:
             "k": k, "weight": weight, "r1_by_weight": {str(w): r for w, r in table.items()}}})
         _replace_dir(tmp, best)
         self._log({"step": self.state["step"], "rerank_weight": weight, "rerank_r1_by_weight": table})
-
-
-def evaluate_itc(model, evalset, batch_size: int = 64, groups: bool = False) -> dict[str, float]:
-    """Text-to-image ITC retrieval metrics of ``model`` on an EvalSet (no re-ranking).
-
-    With ``groups``, per-behaviour figures are added as ``"<metric>/<group>"`` (e.g. ``R@1/anomaly``).
-    """
-    from tpas.eval.metrics import evaluate
-    from tpas.search.encode import encode_images, encode_texts
-
-    images = encode_images(model, [evalset.image_path(g.image) for g in evalset.gallery], batch_size=batch_size,
-                           progress=False)
-    texts = encode_texts(model, [q.caption for q in evalset.queries], batch_size=batch_size, progress=False)
-    scores = texts.embeds @ images.embeds.T
-    result = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(), ks=(1, 5, 10),
-                      query_groups=evalset.query_groups() if groups else None)
-    flat = {k: float(v) for k, v in result.items() if isinstance(v, (int, float, np.floating))}
-    for group, values in (result.get("groups") or {}).items():
-        flat.update({f"{k}/{group}": float(v) for k, v in values.items() if k in ("R@1", "R@5", "mAP")})
-    return flat
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

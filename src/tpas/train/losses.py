@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -174,20 +172,3 @@ def mlm_loss(model, image_tokens: torch.Tensor, input_ids: torch.Tensor, attenti
     masked, labels = mask_tokens(input_ids, attention_mask, tok.mask_id, tok.vocab_size, probability, special)
     logits = head(image_tokens, masked, attention_mask)  # [B,L,V]
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-
-# -- EDA-style text augmentation -----------------------------------------------------------------
-def eda(text: str, rng: random.Random, p_delete: float = 0.1, n_swaps: int = 1) -> str:
-    """Synonym-free EDA: random word deletion (each word with ``p_delete``) and ``n_swaps`` swaps.
-
-    Deletion never empties the caption; behaviour words can be dropped too, which is the point:
-    the model must not rely on one word.
-    """
-    words = text.split()
-    if len(words) < 2:
-        return text
-    kept = [w for w in words if rng.random() >= p_delete] or [rng.choice(words)]
-    for _ in range(n_swaps if len(kept) > 1 else 0):
-        i, j = rng.randrange(len(kept)), rng.randrange(len(kept))
-        kept[i], kept[j] = kept[j], kept[i]
-    return " ".join(kept)

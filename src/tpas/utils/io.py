@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+__all__ = ["atomic_open", "atomic_path", "atomic_save", "write_json", "write_text"]
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -56,11 +58,3 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], None]) -> None:
     """Call ``save(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path) as tmp:
         save(tmp)
-
-
-def save_results(dest: str | os.PathLike, data: Any, markdown: str) -> None:
-    """Write a benchmark's figures as ``dest.json`` and ``dest.md`` (atomically) and say where."""
-    dest = Path(dest)
-    write_json(dest.with_suffix(".json"), data)
-    write_text(dest.with_suffix(".md"), markdown)
-    print(f"saved {dest.with_suffix('.json')} and {dest.with_suffix('.md')}")

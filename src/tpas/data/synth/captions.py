@@ -179,7 +179,7 @@ def source_caption(action: str, scene: str, rng: np.random.Generator) -> str:
 
 
 def mentions(caption: str, factor: str, value: str) -> bool:
-    """Whether a caption names ``value`` of ``factor`` in one of its wordings (for tests/analysis)."""
+    """Whether a caption names ``value`` of ``factor`` in one of its wordings (for tests and analysis)."""
     text = caption.lower()
     table = ACTION_WORDS if factor == "action" else SCENE_WORDS if factor == "scene" else TERMS[factor]
     return any(term.lower() in text for term in table[value])
