@@ -73,12 +73,13 @@ def word_vocab_size(model: torch.nn.Module) -> int:
 
 
 def bench_model(name: str, device: str, dtype: torch.dtype, image_batch: int, text_batch: int,
-                seconds: float) -> dict:
+                seconds: float, **overrides) -> dict:
+    """One row of the table: ``name`` (with create_model ``overrides``) on ``device`` in ``dtype``."""
     t0 = time.perf_counter()
-    model = create_model(name).eval()
+    model = create_model(name, device=device, **overrides)
     build_s = time.perf_counter() - t0
     counts = parameter_counts(model)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     h, w = model.image_size
     pixels = torch.randn(image_batch, 3, h, w, device=device, dtype=dtype)

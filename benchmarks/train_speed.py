@@ -68,12 +68,58 @@ def make_batch(model, batch: int, device, hard: bool) -> dict[str, torch.Tensor]
     return {k: v.to(device) for k, v in out.items()}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def measure_train_step(model, batch: int, dtype: torch.dtype | None, hard: bool = True, steps: int = 6,
+                       warmup: int = 2, count_flops: bool = False) -> dict:
+    """Time ``steps`` optimiser steps (ITC + ITM, with hard pairs when ``hard``) after ``warmup`` ones.
+
+    Runs where ``model`` is, with ``dtype`` autocast (None = off). Peak memory is the CUDA
+    allocator's over the timed steps (optimizer state included), or the process's peak RSS on a
+    CPU. ``count_flops`` runs one more step under ``FlopCounterMode`` (matmuls, convolutions and
+    attention, forward and backward) so that callers can compute the model FLOP utilisation.
+    """
     from tpas.config import LossSection
-    from tpas.models import create_model
     from tpas.train.loop import TrainStep
     from tpas.train.optim import build_optimizer
+
+    device = model.device
+    cuda = device.type == "cuda"
+    step_module = TrainStep(model, LossSection(itc=1.0, itm=1.0, itm_hard_pairs=hard)).train()
+    opt = build_optimizer(model, 1e-4, 0.01)
+    data = make_batch(model, batch, device, hard)
+
+    def one_step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = step_module(data)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        one_step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {"batch": batch, "steps": steps, "seconds_per_step": seconds / steps, "samples_per_s": batch * steps / seconds,
+              "peak_memory_MiB": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib(),
+              "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS"}
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            one_step()
+        result["flops_per_step"] = counter.get_total_flops()
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from tpas.models import create_model
 
     torch.set_num_threads(args.threads)
     if args.gpu and not torch.cuda.is_available():
@@ -87,47 +133,24 @@ def main(argv=None) -> dict:
     elif args.gpu:
         overrides["image_size"] = (224, 224)
     torch.manual_seed(0)
-    model = create_model(name, checkpoint=args.checkpoint, **overrides)
+    model = create_model(name, checkpoint=args.checkpoint, device=device, **overrides)
     text_layers, image_blocks = args.train_text_layers, args.train_image_blocks
     if not args.gpu and name == "lite" and text_layers is None and image_blocks is None:
         text_layers, image_blocks = 2, 4  # what src/tpas/configs/minipab-lite.yaml trains
     if hasattr(model, "set_trainable") and (text_layers is not None or image_blocks is not None):
         model.set_trainable(-1 if text_layers is None else text_layers, -1 if image_blocks is None else image_blocks)
-    model.to(device)
-    step_module = TrainStep(model, LossSection(itc=1.0, itm=1.0, itm_hard_pairs=not args.no_hard_pairs))
-    opt = build_optimizer(model, 1e-4, 0.01)
-    data = make_batch(model, batch, device, hard=not args.no_hard_pairs)
     dtype = torch.bfloat16 if args.gpu else None
-    step_module.train()
-
-    def one_step() -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = step_module(data)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    for _ in range(args.warmup):
-        one_step()
-    if args.gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        one_step()
-    if args.gpu:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    speed = measure_train_step(model, batch, dtype, hard=not args.no_hard_pairs, steps=args.steps,
+                               warmup=args.warmup, count_flops=args.gpu)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = {
         "model": name, "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{args.threads} threads",
         "precision": "bf16" if args.gpu else "fp32", "batch": batch, "image_size": list(model.image_size),
         "hard_pairs": not args.no_hard_pairs, "trainable_params_M": round(n_train / 1e6, 2),
-        "steps": args.steps, "seconds_per_step": round(seconds / args.steps, 3),
-        "samples_per_s": round(batch * args.steps / seconds, 2),
-        "peak_memory_MiB": round(torch.cuda.max_memory_allocated() / 2**20 if args.gpu else peak_rss_mib(), 1),
-        "memory_kind": "cuda max_memory_allocated" if args.gpu else "process peak RSS",
+        "steps": args.steps, "seconds_per_step": round(speed["seconds_per_step"], 3),
+        "samples_per_s": round(speed["samples_per_s"], 2), "peak_memory_MiB": round(speed["peak_memory_MiB"], 1),
+        "memory_kind": speed["memory_kind"],
+        **({"tflop_per_step": round(speed["flops_per_step"] / 1e12, 3)} if "flops_per_step" in speed else {}),
         "torch": torch.__version__, "python": platform.python_version(),
         "load_average": [round(x, 2) for x in __import__("os").getloadavg()],  # the machine may be shared
     }
