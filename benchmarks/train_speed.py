@@ -10,6 +10,10 @@ the model + loss cost without image decoding; the data pipeline is measured by t
 
     .venv/bin/python benchmarks/train_speed.py                       # lite on CPU
     .venv/bin/python benchmarks/train_speed.py --gpu                 # xvlm-base bf16 on a GPU
+    .venv/bin/python benchmarks/train_speed.py --model xvlm-base --batch 22 --image-size 224 224 \
+        --steps 1 --warmup 0 --threads 1 --flops                      # FLOPs of the GPU step, counted on a CPU
+
+``measure_train_step`` is the measurement; ``benchmarks/gpu_check.py`` calls it too.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-text-layers", type=int, default=None, help="lite: top text layers that train")
     p.add_argument("--train-image-blocks", type=int, default=None, help="lite: top image blocks that train")
     p.add_argument("--no-hard-pairs", action="store_true", help="skip the PAB hard-pair ITM negatives")
+    p.add_argument("--flops", action="store_true", help="count the FLOPs of one step too (always with --gpu)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/markdown result")
     return p.parse_args(argv)
 
@@ -141,7 +146,7 @@ def main(argv=None) -> dict:
         model.set_trainable(-1 if text_layers is None else text_layers, -1 if image_blocks is None else image_blocks)
     dtype = torch.bfloat16 if args.gpu else None
     speed = measure_train_step(model, batch, dtype, hard=not args.no_hard_pairs, steps=args.steps,
-                               warmup=args.warmup, count_flops=args.gpu)
+                               warmup=args.warmup, count_flops=args.gpu or args.flops)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = {
         "model": name, "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{args.threads} threads",
@@ -150,15 +155,18 @@ def main(argv=None) -> dict:
         "steps": args.steps, "seconds_per_step": round(speed["seconds_per_step"], 3),
         "samples_per_s": round(speed["samples_per_s"], 2), "peak_memory_MiB": round(speed["peak_memory_MiB"], 1),
         "memory_kind": speed["memory_kind"],
-        **({"tflop_per_step": round(speed["flops_per_step"] / 1e12, 3)} if "flops_per_step" in speed else {}),
+        **({"tflop_per_step": round(speed["flops_per_step"] / 1e12, 4)} if "flops_per_step" in speed else {}),
         "torch": torch.__version__, "python": platform.python_version(),
         "load_average": [round(x, 2) for x in __import__("os").getloadavg()],  # the machine may be shared
     }
-    header = "| model | device | precision | batch | image | hard pairs | trainable M | s/step | samples/s | peak MiB |"
+    flops = "tflop_per_step" in result
+    header = ("| model | device | precision | batch | image | hard pairs | trainable M | s/step | samples/s | peak MiB |"
+              + (" TFLOP/step |" if flops else ""))
     row = (f"| {name} | {result['device']} | {result['precision']} | {batch} | {result['image_size'][0]}x"
            f"{result['image_size'][1]} | {result['hard_pairs']} | {result['trainable_params_M']} | "
-           f"{result['seconds_per_step']} | {result['samples_per_s']} | {result['peak_memory_MiB']} |")
-    table = "\n".join([header, "|" + "---|" * 10, row])
+           f"{result['seconds_per_step']} | {result['samples_per_s']} | {result['peak_memory_MiB']} |"
+           + (f" {result['tflop_per_step']} |" if flops else ""))
+    table = "\n".join([header, "|" + "---|" * (11 if flops else 10), row])
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
