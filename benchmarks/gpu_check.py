@@ -380,12 +380,13 @@ def _train_log(path: Path) -> dict[str, Any]:
 
 def part_e2e(plan: Plan, ctx: dict[str, Any], rec: dict[str, Any]) -> None:
     device, work = ctx["device"], ctx["work"]
+    data, run = work / "minipab", work / "run"
+    for folder in (data, run):  # left by an earlier run in the same --work
+        shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
-    data = work / "minipab"
     generate(data, identities=plan.identities, seed=0, workers=min(8, os.cpu_count() or 1))
     rec["synth_s"] = time.perf_counter() - t0
     steps = e2e_steps(plan, ctx, ctx["budget"] - rec["synth_s"] - ctx["e2e_reserve"])
-    run = work / "run"
     options = {"vocab": str(ctx["vocab"]), **{k: list(v) if isinstance(v, tuple) else v for k, v in plan.options.items()}}
     overrides = [f"data.root={data}", f"data.val_identities={plan.val_identities}", "data.val_max_queries=200",
                  f"data.workers={plan.workers}", f"model.name={plan.model}",
@@ -572,10 +573,10 @@ def setup_logging(out: Path) -> None:
     console.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
     file = logging.FileHandler(out / "gpu_check.log", mode="w", encoding="utf-8")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console.setLevel(logging.INFO)
     root.addHandler(console)
     root.addHandler(file)
-    log.setLevel(logging.DEBUG)
-    console.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)  # the part tracebacks reach the file handler only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -608,10 +609,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpu_check: {exc}{'' if args.smoke else ' (--smoke runs on the CPU)'}", file=sys.stderr)
         return 2
     out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks" / "results" / "tmp" / "gpu_check")
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out)
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        setup_logging(out)
+        work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"gpu_check: cannot write there: {exc}", file=sys.stderr)
+        return 2
     ctx: dict[str, Any] = {"device": device, "vocab": vocab, "work": work, "out": out,
                            "e2e_reserve": 60.0 if device.type == "cuda" else 20.0}
     results: dict[str, Any] = {"smoke": args.smoke, "command": " ".join(["benchmarks/gpu_check.py", *(argv or sys.argv[1:])]),

@@ -39,6 +39,8 @@ from tpas.models import create_model  # noqa: E402
 from tpas.models.base import parameter_counts  # noqa: E402
 from tpas.utils.io import write_json, write_text  # noqa: E402
 
+__all__ = ["bench_model", "main", "markdown", "timed", "word_vocab_size"]
+
 CAPTION = ("a young man with short black hair wearing a dark blue jacket, grey trousers and white sneakers "
            "is walking along the pavement carrying a black backpack on his left shoulder while looking "
            "at the mobile phone in his right hand")

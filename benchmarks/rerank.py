@@ -38,6 +38,8 @@ from tpas.models import create_model  # noqa: E402
 from tpas.search.encode import encode_texts, inference  # noqa: E402
 from tpas.search.rerank import default_itm_batch, itm_scores  # noqa: E402
 
+__all__ = ["captions", "compare_rerank", "main", "rerank_markdown"]
+
 WORDS = ("a young man with short black hair wearing a dark blue jacket grey trousers and white sneakers is "
          "walking along the pavement then suddenly falls to the ground near a parked car while a woman in a "
          "red coat carrying a bag looks on").split()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+__all__ = ["main", "make_batch", "measure_train_step", "peak_rss_mib"]
+
 CAPTIONS = [
     "A young man in a black jacket and blue jeans is walking along the sidewalk carrying a backpack.",
     "A woman with long hair, wearing a red coat and white shoes, suddenly falls to the ground.",
