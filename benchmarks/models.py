@@ -39,6 +39,8 @@ from tpas.models import create_model  # noqa: E402
 from tpas.models.base import parameter_counts  # noqa: E402
 from tpas.utils.io import write_json, write_text  # noqa: E402
 
+__all__ = ["bench_model", "main", "markdown", "timed", "word_vocab_size"]
+
 CAPTION = ("a young man with short black hair wearing a dark blue jacket, grey trousers and white sneakers "
            "is walking along the pavement carrying a black backpack on his left shoulder while looking "
            "at the mobile phone in his right hand")
@@ -73,12 +75,13 @@ def word_vocab_size(model: torch.nn.Module) -> int:
 
 
 def bench_model(name: str, device: str, dtype: torch.dtype, image_batch: int, text_batch: int,
-                seconds: float) -> dict:
+                seconds: float, **overrides) -> dict:
+    """One row of the table: ``name`` (with create_model ``overrides``) on ``device`` in ``dtype``."""
     t0 = time.perf_counter()
-    model = create_model(name).eval()
+    model = create_model(name, device=device, **overrides)
     build_s = time.perf_counter() - t0
     counts = parameter_counts(model)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     h, w = model.image_size
     pixels = torch.randn(image_batch, 3, h, w, device=device, dtype=dtype)

@@ -10,6 +10,10 @@ the model + loss cost without image decoding; the data pipeline is measured by t
 
     .venv/bin/python benchmarks/train_speed.py                       # lite on CPU
     .venv/bin/python benchmarks/train_speed.py --gpu                 # xvlm-base bf16 on a GPU
+    .venv/bin/python benchmarks/train_speed.py --model xvlm-base --batch 22 --image-size 224 224 \
+        --steps 1 --warmup 0 --threads 1 --flops                      # FLOPs of the GPU step, counted on a CPU
+
+``measure_train_step`` is the measurement; ``benchmarks/gpu_check.py`` calls it too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+
+__all__ = ["main", "make_batch", "measure_train_step", "peak_rss_mib"]
 
 CAPTIONS = [
     "A young man in a black jacket and blue jeans is walking along the sidewalk carrying a backpack.",
@@ -45,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-text-layers", type=int, default=None, help="lite: top text layers that train")
     p.add_argument("--train-image-blocks", type=int, default=None, help="lite: top image blocks that train")
     p.add_argument("--no-hard-pairs", action="store_true", help="skip the PAB hard-pair ITM negatives")
+    p.add_argument("--flops", action="store_true", help="count the FLOPs of one step too (always with --gpu)")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/markdown result")
     return p.parse_args(argv)
 
@@ -68,12 +75,58 @@ def make_batch(model, batch: int, device, hard: bool) -> dict[str, torch.Tensor]
     return {k: v.to(device) for k, v in out.items()}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def measure_train_step(model, batch: int, dtype: torch.dtype | None, hard: bool = True, steps: int = 6,
+                       warmup: int = 2, count_flops: bool = False) -> dict:
+    """Time ``steps`` optimiser steps (ITC + ITM, with hard pairs when ``hard``) after ``warmup`` ones.
+
+    Runs where ``model`` is, with ``dtype`` autocast (None = off). Peak memory is the CUDA
+    allocator's over the timed steps (optimizer state included), or the process's peak RSS on a
+    CPU. ``count_flops`` runs one more step under ``FlopCounterMode`` (matmuls, convolutions and
+    attention, forward and backward) so that callers can compute the model FLOP utilisation.
+    """
     from tpas.config import LossSection
-    from tpas.models import create_model
     from tpas.train.loop import TrainStep
     from tpas.train.optim import build_optimizer
+
+    device = model.device
+    cuda = device.type == "cuda"
+    step_module = TrainStep(model, LossSection(itc=1.0, itm=1.0, itm_hard_pairs=hard)).train()
+    opt = build_optimizer(model, 1e-4, 0.01)
+    data = make_batch(model, batch, device, hard)
+
+    def one_step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = step_module(data)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        one_step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    result = {"batch": batch, "steps": steps, "seconds_per_step": seconds / steps, "samples_per_s": batch * steps / seconds,
+              "peak_memory_MiB": torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib(),
+              "memory_kind": "cuda max_memory_allocated" if cuda else "process peak RSS"}
+    if count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            one_step()
+        result["flops_per_step"] = counter.get_total_flops()
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from tpas.models import create_model
 
     torch.set_num_threads(args.threads)
     if args.gpu and not torch.cuda.is_available():
@@ -87,55 +140,35 @@ def main(argv=None) -> dict:
     elif args.gpu:
         overrides["image_size"] = (224, 224)
     torch.manual_seed(0)
-    model = create_model(name, checkpoint=args.checkpoint, **overrides)
+    model = create_model(name, checkpoint=args.checkpoint, device=device, **overrides)
     text_layers, image_blocks = args.train_text_layers, args.train_image_blocks
     if not args.gpu and name == "lite" and text_layers is None and image_blocks is None:
         text_layers, image_blocks = 2, 4  # what src/tpas/configs/minipab-lite.yaml trains
     if hasattr(model, "set_trainable") and (text_layers is not None or image_blocks is not None):
         model.set_trainable(-1 if text_layers is None else text_layers, -1 if image_blocks is None else image_blocks)
-    model.to(device)
-    step_module = TrainStep(model, LossSection(itc=1.0, itm=1.0, itm_hard_pairs=not args.no_hard_pairs))
-    opt = build_optimizer(model, 1e-4, 0.01)
-    data = make_batch(model, batch, device, hard=not args.no_hard_pairs)
     dtype = torch.bfloat16 if args.gpu else None
-    step_module.train()
-
-    def one_step() -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = step_module(data)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    for _ in range(args.warmup):
-        one_step()
-    if args.gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        one_step()
-    if args.gpu:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    speed = measure_train_step(model, batch, dtype, hard=not args.no_hard_pairs, steps=args.steps,
+                               warmup=args.warmup, count_flops=args.gpu or args.flops)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = {
         "model": name, "device": torch.cuda.get_device_name() if args.gpu else f"cpu x{args.threads} threads",
         "precision": "bf16" if args.gpu else "fp32", "batch": batch, "image_size": list(model.image_size),
         "hard_pairs": not args.no_hard_pairs, "trainable_params_M": round(n_train / 1e6, 2),
-        "steps": args.steps, "seconds_per_step": round(seconds / args.steps, 3),
-        "samples_per_s": round(batch * args.steps / seconds, 2),
-        "peak_memory_MiB": round(torch.cuda.max_memory_allocated() / 2**20 if args.gpu else peak_rss_mib(), 1),
-        "memory_kind": "cuda max_memory_allocated" if args.gpu else "process peak RSS",
+        "steps": args.steps, "seconds_per_step": round(speed["seconds_per_step"], 3),
+        "samples_per_s": round(speed["samples_per_s"], 2), "peak_memory_MiB": round(speed["peak_memory_MiB"], 1),
+        "memory_kind": speed["memory_kind"],
+        **({"tflop_per_step": round(speed["flops_per_step"] / 1e12, 4)} if "flops_per_step" in speed else {}),
         "torch": torch.__version__, "python": platform.python_version(),
         "load_average": [round(x, 2) for x in __import__("os").getloadavg()],  # the machine may be shared
     }
-    header = "| model | device | precision | batch | image | hard pairs | trainable M | s/step | samples/s | peak MiB |"
+    flops = "tflop_per_step" in result
+    header = ("| model | device | precision | batch | image | hard pairs | trainable M | s/step | samples/s | peak MiB |"
+              + (" TFLOP/step |" if flops else ""))
     row = (f"| {name} | {result['device']} | {result['precision']} | {batch} | {result['image_size'][0]}x"
            f"{result['image_size'][1]} | {result['hard_pairs']} | {result['trainable_params_M']} | "
-           f"{result['seconds_per_step']} | {result['samples_per_s']} | {result['peak_memory_MiB']} |")
-    table = "\n".join([header, "|" + "---|" * 10, row])
+           f"{result['seconds_per_step']} | {result['samples_per_s']} | {result['peak_memory_MiB']} |"
+           + (f" {result['tflop_per_step']} |" if flops else ""))
+    table = "\n".join([header, "|" + "---|" * (11 if flops else 10), row])
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,27 +23,48 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process along dim 0, keeping the autograd graph.
-
-    ``torch.distributed.nn.functional.all_gather`` sums the incoming gradients across processes
-    in backward, so each rank's local slice gets ``world_size`` times the gradient of the (identical
-    on every rank) global loss; DDP's gradient averaging divides that back out.
-    """
-    if _world() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
-
-
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0 (equal shapes on every rank), no autograd."""
     if _world() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(_world())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+class _GatherLocalGrad(torch.autograd.Function):
+    """All-gather whose backward keeps only this rank's rows of the incoming gradient.
+
+    This is X-VLM's (and CMP's) ``AllGather``. Every rank computes the same global ITC loss, so the
+    rows of its gradient that belong to this rank's slice are already the whole gradient of that
+    loss w.r.t. the slice; no backward communication is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # [B,...] -> [W*B,...]
+        rank = dist.get_rank()
+        ctx.rows = slice(rank * x.shape[0], (rank + 1) * x.shape[0])
+        return gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # [W*B,...] -> [B,...]
+        return grad[ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every process along dim 0; gradients flow back to the local slice only.
+
+    Upstream semantics, on purpose: under DDP (which averages gradients over the W processes) the
+    encoders then get ``itc * grad(L_itc) / W + itm * grad(mean of the local ITM losses)``, exactly
+    what X-VLM/CMP trained with, so the PAB recipe's learning rate and loss weights mean what they
+    meant there. (``torch.distributed.nn.functional.all_gather`` would sum the W identical
+    gradients instead: ITC W times stronger relative to ITM.) The temperature is not gathered and
+    gets the full ``itc * dL_itc/dtemp``, as upstream. See docs/training.md, "Several processes".
+    """
+    if _world() == 1:
+        return x
+    return _GatherLocalGrad.apply(x.contiguous())
 
 
 # -- ITC ------------------------------------------------------------------------------------------
