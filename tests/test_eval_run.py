@@ -159,7 +159,7 @@ def test_cli_index_search_eval(model, tmp_path, capsys):
                  "--out", str(tmp_path / "ev"), "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "R@1" in out and "anomaly" in out and (tmp_path / "ev" / "report.html").is_file()
-    other = create_model("lite-tiny")
+    other = create_model("lite-tiny", seed=1)  # another seed: other weights
     other_dir = other.save_pretrained(tmp_path / "other")
     assert main(["search", "--index", str(tmp_path / "idx"), "--model", str(other_dir), "x"]) == 2
     assert "different model" in capsys.readouterr().err

@@ -1,0 +1,140 @@
+"""The bad-image policy: pre-flight verdicts on real files, readers that list or skip, late failures."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from readers_fixtures import make_pab
+
+from tpas.data.images import (
+    BadImagesError,
+    bad_image_policy,
+    handle_late_problems,
+    image_problem,
+    quick_problem,
+    skipped,
+)
+from tpas.data.pab import read_pab_test, read_pab_train
+from tpas.data.transforms import UnreadableImage, load_image
+
+
+def encoded(fmt: str, size=(40, 80)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 40, 200)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def fresh_ledger():
+    skipped.reset()
+    yield
+    skipped.reset()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "WEBP"])
+def test_good_images_pass_and_cut_ones_are_caught_without_decoding_the_good(tmp_path, fmt):
+    data = encoded(fmt)
+    good, cut = tmp_path / "good", tmp_path / "cut"
+    good.write_bytes(data)
+    cut.write_bytes(data[: len(data) // 2])
+    assert quick_problem(good) is None and image_problem(good) is None
+    assert quick_problem(cut) is not None
+    assert image_problem(cut) is not None
+
+
+def test_verdicts_name_the_problem(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "page.jpg").write_text("<html>404 not found</html>")
+    jpeg = encoded("JPEG")
+    (tmp_path / "cut.jpg").write_bytes(jpeg[:-300])
+    (tmp_path / "padded.jpg").write_bytes(jpeg + b"\0" * 64)  # bytes after the end marker: still a good image
+    (tmp_path / "folder.jpg").mkdir()
+    assert image_problem(tmp_path / "nope.jpg") == "image not found"
+    assert image_problem(tmp_path / "empty.jpg") == "empty file (0 bytes)"
+    assert image_problem(tmp_path / "page.jpg").startswith("not a known image format (starts with b'<html>40')")
+    assert image_problem(tmp_path / "cut.jpg").startswith("truncated JPEG (no end-of-image marker")
+    assert "cannot decode" in image_problem(tmp_path / "cut.jpg")
+    assert quick_problem(tmp_path / "padded.jpg") is not None and image_problem(tmp_path / "padded.jpg") is None
+    assert image_problem(tmp_path / "folder.jpg") == "a folder, not an image file"
+
+
+def test_load_image_raises_one_line_naming_the_file(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(encoded("JPEG")[:200])
+    with pytest.raises(UnreadableImage) as err:
+        load_image(tmp_path / "x.jpg")
+    assert str(err.value).startswith(f"{tmp_path / 'x.jpg'}: cannot decode") and "\n" not in str(err.value)
+    with pytest.raises(UnreadableImage, match="y.jpg: image not found"):
+        load_image(tmp_path / "y.jpg")
+
+
+def test_preflight_lists_every_bad_image_with_its_annotation_line(tmp_path):
+    root = make_pab(tmp_path)
+    (root / "test/imgs/1.jpg").write_bytes((root / "test/imgs/1.jpg").read_bytes()[:100])
+    (root / "test/imgs/3.jpg").write_text("<html>")
+    with pytest.raises(BadImagesError) as err:
+        read_pab_test(root)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("2 image references in ") and "attr.json point at missing or unreadable" in lines[0]
+    assert "attr.json:2: test/imgs/1.jpg: truncated JPEG" in lines[1]
+    assert "attr.json:4: test/imgs/3.jpg: not a known image format" in lines[2]
+
+
+def test_skip_drops_the_records_and_reports_them_at_the_end(tmp_path, caplog):
+    root = make_pab(tmp_path, files=1, persons=2)
+    (root / "train/imgs_0/goal/0.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    with caplog.at_level(logging.WARNING):
+        train = read_pab_train(root, check_images=True, on_bad_image="skip")
+    # line 1 has the bad image; line 2 has it as its hard image: both pairs go
+    assert [p.image_id for p in train.pairs] == ["0_2", "0_3"]
+    assert skipped.count == 2 and "attr_0.json:1: train/imgs_0/goal/0.jpg" in skipped.summary()
+    assert skipped.summary().startswith("skipped 2 missing or unreadable images (--on-bad-image skip)")
+
+
+def test_duplicate_training_ids_are_a_warning_when_training(tmp_path, caplog):
+    root = make_pab(tmp_path, files=1, persons=2)
+    train_file = root / "annotation/train/attr_0.json"
+    with open(train_file, "a") as fh:
+        fh.write(train_file.read_text().splitlines()[2] + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert len(read_pab_train(root)) == 5
+    assert "1 duplicate image_id lines" in caplog.text and "attr_0.json:5: duplicate image_id '0_2'" in caplog.text
+
+
+def test_late_failures_stop_with_one_line_or_are_recorded():
+    problems = ["/data/x.jpg: cannot decode: broken data stream"]
+    with pytest.raises(BadImagesError) as err:
+        handle_late_problems(problems)
+    assert str(err.value).startswith("/data/x.jpg: cannot decode") and "\n" not in str(err.value)
+    with bad_image_policy("skip"):
+        handle_late_problems(problems)
+    assert skipped.count == 1 and "x.jpg" in skipped.summary()
+    with pytest.raises(ValueError):
+        bad_image_policy("ignore").__enter__()
+
+
+def test_training_loader_substitutes_a_pair_whose_image_does_not_decode(tmp_path):
+    from tpas.data.loader import Collator, PairDataset, ShardedBatchSampler, build_train_loader
+    from tpas.data.transforms import EvalTransform
+
+    root = make_pab(tmp_path, files=1, persons=4)
+    train = read_pab_train(root, check_images=True)
+    # damage inside the data after the pre-flight: header and end marker intact
+    good = (root / train.pairs[2].image).read_bytes()
+    (root / train.pairs[2].image).write_bytes(good[:20] + b"\0" * (len(good) - 22) + good[-2:])
+    dataset = PairDataset(train.pairs, root, EvalTransform((16, 8), (0.5,) * 3, (0.5,) * 3))
+    item = dataset[2]
+    assert item["index"] == 3 and item["bad_images"] and train.pairs[2].image in item["bad_images"][0]
+
+    def collate(items):
+        return Collator(lambda texts: (torch.zeros(len(texts), 4, dtype=torch.long),) * 2)(items)
+
+    sampler = ShardedBatchSampler(len(dataset), batch_size=8)
+    with pytest.raises(BadImagesError, match="passed the pre-flight check but does not decode"):
+        list(build_train_loader(dataset, sampler, collate))
+    batches = list(build_train_loader(dataset, sampler, collate, on_bad_image="skip"))
+    assert len(batches) == 1 and batches[0]["images"].shape[0] == 8 and "bad_images" not in batches[0]
+    assert skipped.count == 1
