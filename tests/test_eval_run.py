@@ -179,3 +179,26 @@ def test_cli_eval_on_generated_minipab_challenge(model, tmp_path, capsys):
     assert len(answer) == n_queries and "answer.txt" in out
     saved = json.loads((tmp_path / "ch" / "metrics.json").read_text())
     assert saved["answer_scores"]["R@1"] == pytest.approx(saved["R@1"])
+
+
+def test_sca_report_reads_in_rank_order_and_shows_a_true_match_below_the_top_10(model, tmp_path):
+    import re
+
+    evalset = make_evalset(tmp_path / "data", n=16)
+    run_eval(model, evalset, post="sca", out_dir=tmp_path / "out", progress=False)
+    page = (tmp_path / "out" / "report.html").read_text()
+    blocks = page.split('<div class="q">')[1:]
+    assert len(blocks) == 16
+    picks = deep = 0
+    for block in blocks:
+        cells = re.findall(r"<div>#(\d+) ([^<]+)</div>", block)
+        top = [(int(rank), shown) for rank, shown in cells if shown != "true match"]
+        assert [rank for rank, _ in top] == list(range(1, 11))
+        numbers = [float(shown) for _, shown in top if shown != "SCA pick"]
+        assert numbers == sorted(numbers, reverse=True), block  # the printed scores follow the ranks
+        picks += sum(shown == "SCA pick" for _, shown in top)
+        stated = int(re.search(r"true match at rank (\d+)", block).group(1))
+        if stated > 10:  # shown after the top 10, with its rank
+            assert (str(stated), "true match") in cells
+            deep += 1
+    assert picks > 0 and deep > 0  # the untrained model gives SCA work and ranks some matches low

@@ -250,7 +250,7 @@ class ImageCheck:
             listed = self.problems[:SHOW]
             more = [f"  ... and {self.count - len(listed)} more"] if self.count > len(listed) else []
             raise BadImagesError("\n".join([
-                f"{self.count} image reference{plural} in {source} point at missing or unreadable files "
+                f"{self.count} image reference{plural} in {source} point{'' if plural else 's'} at missing or unreadable files "
                 f"(--on-bad-image skip drops those {self.what}):", *(f"  {p}" for p in listed), *more]))
         log.warning("%s: skipped %d %s whose image is missing or unreadable: %s%s", source, self.count, self.what,
                     "; ".join(self.problems[:5]), f" and {self.count - 5} more" if self.count > 5 else "")
