@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import pytest
@@ -138,3 +139,101 @@ def test_training_loader_substitutes_a_pair_whose_image_does_not_decode(tmp_path
     batches = list(build_train_loader(dataset, sampler, collate, on_bad_image="skip"))
     assert len(batches) == 1 and batches[0]["images"].shape[0] == 8 and "bad_images" not in batches[0]
     assert skipped.count == 1
+
+
+# ---------------------------------------------------------------- the commands: one line, never a traceback
+TRAIN_CONFIG = """\
+model: {name: lite-tiny}
+data: {format: pab, val_identities: 0, workers: 0}
+train: {max_steps: 1, batch_size: 4, progress: false, threads: 1}
+val: {every: -1, calibrate_rerank: 0}
+"""
+
+
+def _damage_inside(path) -> None:
+    """Keep the JPEG header and end marker, zero the data between: passes the pre-flight, fails decoding."""
+    data = path.read_bytes()
+    path.write_bytes(data[:20] + b"\0" * (len(data) - 22) + data[-2:])
+
+
+def test_eval_with_a_cut_jpeg_stops_in_one_line_or_skips_and_says_so(tmp_path, capsys):
+    from tpas.cli import main
+
+    root = make_pab(tmp_path / "data")
+    good = (root / "test/imgs/2.jpg").read_bytes()
+    (root / "test/imgs/2.jpg").write_bytes(good[: len(good) // 2])
+    argv = ["eval", "--model", "lite-tiny", "--data", str(root), "--out", str(tmp_path / "ev"), "--workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpas eval: error: 1 image reference in ") and "Traceback" not in err
+    assert "attr.json:3: test/imgs/2.jpg: truncated JPEG" in err
+    assert main([*argv, "--on-bad-image", "skip"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tpas eval: skipped 1 missing or unreadable image (--on-bad-image skip): ")
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["settings"]["gallery"] == 3
+
+
+def test_train_stops_before_training_on_a_missing_image_anywhere(tmp_path, capsys):
+    from tpas.cli import main
+
+    root = make_pab(tmp_path / "data", files=3, persons=4)  # 24 pairs, 6 batches of 4
+    (root / "train/imgs_2/goal/3.jpg").unlink()  # a pair of the last file: never in a 1-step run's batch
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TRAIN_CONFIG)
+    argv = ["train", "--config", str(config), f"data.root={root}", "--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tpas train: error: 2 image references in " in err and "Traceback" not in err
+    assert "attr_2.json:7: train/imgs_2/goal/3.jpg: image not found" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before the first step
+    assert main([*argv, "--on-bad-image", "skip"]) == 0
+    assert "tpas train: skipped 2 missing or unreadable images" in capsys.readouterr().err
+
+
+def test_index_of_a_folder_with_a_broken_file(tmp_path, capsys):
+    from tpas.cli import main
+
+    folder = tmp_path / "imgs"
+    for k in range(3):
+        folder.mkdir(exist_ok=True)
+        (folder / f"{k}.jpg").write_bytes(encoded("JPEG"))
+    (folder / "3.jpg").write_text("<html>error page</html>")
+    argv = ["index", "--model", "lite-tiny", "--images", str(folder), "--out", str(tmp_path / "idx"), "--workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tpas index: error: 1 image reference") and "3.jpg: not a known image format" in err
+    assert main([*argv, "--on-bad-image", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 3 images" in captured.out and "skipped 1 missing or unreadable image" in captured.err
+
+
+def test_an_image_that_fails_only_when_decoded_stops_encoding_in_one_line(tmp_path):
+    from tpas.models import create_model
+    from tpas.search.encode import encode_images
+
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"{k}.jpg")
+        paths[-1].write_bytes(encoded("JPEG"))
+    _damage_inside(paths[1])
+    assert quick_problem(paths[1]) is None  # the cheap look cannot see it
+    model = create_model("lite-tiny")
+    with pytest.raises(BadImagesError, match=r"1\.jpg: cannot decode.*passed the pre-flight check"):
+        encode_images(model, paths, progress=False)
+    with bad_image_policy("skip"):
+        encoded_images = encode_images(model, paths, progress=False)
+    assert encoded_images.embeds.shape[0] == 3 and skipped.count == 1  # a blank stand-in, reported
+
+
+def test_eval_with_an_image_damaged_inside(tmp_path, capsys):
+    from tpas.cli import main
+
+    root = make_pab(tmp_path / "data")
+    _damage_inside(root / "test/imgs/1.jpg")
+    argv = ["eval", "--model", "lite-tiny", "--data", str(root), "--out", str(tmp_path / "ev"), "--workers", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tpas eval: error: ") and "1.jpg: cannot decode" in err[-1]
+    assert main([*argv, "--on-bad-image", "skip"]) == 0  # encoded as a blank image; the report draws a grey frame
+    assert "tpas eval: skipped 1 missing or unreadable image" in capsys.readouterr().err
+    assert (tmp_path / "ev" / "report.html").is_file()

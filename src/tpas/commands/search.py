@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from tpas.commands import add_bad_image_argument, add_device_argument
@@ -79,9 +80,14 @@ def run_search(args: argparse.Namespace) -> int:
     from tpas.models import create_model
     from tpas.search.engine import SearchEngine
 
+    from tpas.serve.app import query_notice
+
     engine = SearchEngine(args.index, create_model(args.model, device=args.device), itm_mode=args.itm)
     text = " ".join(args.text)
     hits = engine.search(text, k=args.k, rerank=args.rerank)
+    notice = query_notice(text, engine.model.tokenizer)
+    if notice:
+        print(f"tpas search: note: {notice}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"rank": h.rank, "id": h.image_id, "score": h.score, "itc": h.itc_score,
                            "itm": h.itm_score, "path": str(h.path)} for h in hits], indent=2))

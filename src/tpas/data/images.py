@@ -216,6 +216,7 @@ class ImageCheck:
     def __init__(self, root: str | os.PathLike, on_bad_image: str, what: str):
         check_on_bad_image(on_bad_image)
         self.root = Path(root)
+        self._root = os.fspath(self.root)
         self.on_bad_image = on_bad_image
         self.what = what  # the records dropped under "skip": "pairs", "gallery images", ...
         self.problems: list[str] = []  # "annotation:line: image: reason", the first 1000
@@ -234,7 +235,7 @@ class ImageCheck:
         return False
 
     def _look(self, rel: str) -> str | None:
-        path = self.root / rel
+        path = os.path.join(self._root, rel)  # not pathlib: this runs once per image of a million
         problem = image_problem(path)
         if problem == MISSING:
             problem = f"{MISSING} (looked for {path})"

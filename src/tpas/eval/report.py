@@ -70,12 +70,12 @@ class Thumbnails:
 
     def __call__(self, row: int) -> str:
         if row not in self._cache:
-            from tpas.data.transforms import load_image
+            from tpas.data.transforms import UnreadableImage, load_image
 
             path = self.evalset.image_path(self.evalset.gallery[row].image)
             try:
                 image = load_image(path)
-            except (FileNotFoundError, OSError) as exc:
+            except UnreadableImage as exc:  # skipped while encoding (--on-bad-image skip): a grey frame here
                 log.warning("report: no thumbnail for %s (%s)", path, exc)
                 self._cache[row] = ""
                 return ""
