@@ -125,7 +125,10 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        from tpas.models.registry import check_starting_weights
+
         self.config = cfg = config
+        check_starting_weights(cfg.model.name, cfg.model.checkpoint, cfg.model.from_scratch)  # before any work
         tcfg = cfg.train
         if tcfg.threads > 0:
             torch.set_num_threads(tcfg.threads)
@@ -159,10 +162,8 @@ class Trainer:
     # -- construction --------------------------------------------------------------------------
     def _build_model(self):
         from tpas.models import create_model
-        from tpas.models.registry import check_starting_weights
 
         mcfg = self.config.model
-        check_starting_weights(mcfg.name, mcfg.checkpoint, mcfg.from_scratch)
         model = create_model(mcfg.name, checkpoint=mcfg.checkpoint, device=self.accelerator.device,
                              seed=self.config.train.seed, **mcfg.options)  # new heads differ per train.seed
         if mcfg.train_text_layers is not None or mcfg.train_image_blocks is not None:
