@@ -79,7 +79,8 @@ def test_preflight_lists_every_bad_image_with_its_annotation_line(tmp_path):
     with pytest.raises(BadImagesError) as err:
         read_pab_test(root)
     lines = str(err.value).splitlines()
-    assert lines[0].startswith("2 image references in ") and "attr.json point at missing or unreadable" in lines[0]
+    assert lines[0].endswith("attr.json: 2 image references point at missing or unreadable files "
+                             "(--on-bad-image skip drops those gallery images):")
     assert "attr.json:2: test/imgs/1.jpg: truncated JPEG" in lines[1]
     assert "attr.json:4: test/imgs/3.jpg: not a known image format" in lines[2]
 
@@ -165,7 +166,8 @@ def test_eval_with_a_cut_jpeg_stops_in_one_line_or_skips_and_says_so(tmp_path, c
     argv = ["eval", "--model", "lite-tiny", "--data", str(root), "--out", str(tmp_path / "ev"), "--workers", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tpas eval: error: 1 image reference in ") and "Traceback" not in err
+    assert err.startswith("tpas eval: error: ") and "attr.json: 1 image reference points at" in err
+    assert "Traceback" not in err
     assert "attr.json:3: test/imgs/2.jpg: truncated JPEG" in err
     assert main([*argv, "--on-bad-image", "skip"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -183,7 +185,8 @@ def test_train_stops_before_training_on_a_missing_image_anywhere(tmp_path, capsy
     argv = ["train", "--config", str(config), f"data.root={root}", "--out", str(tmp_path / "run")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "tpas train: error: 2 image references in " in err and "Traceback" not in err
+    assert "tpas train: error: " in err and "annotation/train: 2 image references point at" in err
+    assert "Traceback" not in err
     assert "attr_2.json:7: train/imgs_2/goal/3.jpg: image not found" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before the first step
     assert main([*argv, "--on-bad-image", "skip"]) == 0
@@ -201,7 +204,8 @@ def test_index_of_a_folder_with_a_broken_file(tmp_path, capsys):
     argv = ["index", "--model", "lite-tiny", "--images", str(folder), "--out", str(tmp_path / "idx"), "--workers", "0"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("tpas index: error: 1 image reference") and "3.jpg: not a known image format" in err
+    assert err.startswith(f"tpas index: error: {folder}: 1 image reference points at")
+    assert "3.jpg: not a known image format" in err
     assert main([*argv, "--on-bad-image", "skip"]) == 0
     captured = capsys.readouterr()
     assert "indexed 3 images" in captured.out and "skipped 1 missing or unreadable image" in captured.err

@@ -61,7 +61,7 @@ def test_pab_train_missing_images(tmp_path, caplog):
     with pytest.raises(DataError) as err:
         read_pab_train(root, check_images=True)
     lines = str(err.value).splitlines()  # every reference is listed, one line each, with its annotation line
-    assert "2 image references in" in lines[0] and "--on-bad-image skip" in lines[0]
+    assert "annotation/train: 2 image references point at" in lines[0] and "--on-bad-image skip" in lines[0]
     assert re.search(r"attr_0\.json:3: train/imgs_0/full/1\.jpg: image not found \(looked for .*full/1\.jpg\)", lines[1])
     assert re.search(r"attr_0\.json:4: train/imgs_0/full/1\.jpg: image not found", lines[2])
     with caplog.at_level(logging.WARNING):

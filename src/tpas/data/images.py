@@ -246,12 +246,12 @@ class ImageCheck:
         """Raise one error listing every problem (``error``), or log and record them (``skip``)."""
         if not self.count:
             return
-        plural = "s" if self.count != 1 else ""
         if self.on_bad_image == "error":
             listed = self.problems[:SHOW]
             more = [f"  ... and {self.count - len(listed)} more"] if self.count > len(listed) else []
+            references = "1 image reference points" if self.count == 1 else f"{self.count} image references point"
             raise BadImagesError("\n".join([
-                f"{self.count} image reference{plural} in {source} point{'' if plural else 's'} at missing or unreadable files "
+                f"{source}: {references} at missing or unreadable files "
                 f"(--on-bad-image skip drops those {self.what}):", *(f"  {p}" for p in listed), *more]))
         log.warning("%s: skipped %d %s whose image is missing or unreadable: %s%s", source, self.count, self.what,
                     "; ".join(self.problems[:5]), f" and {self.count - 5} more" if self.count > 5 else "")

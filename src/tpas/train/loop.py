@@ -512,4 +512,7 @@ def train(config: TrainConfig, resume: bool = False, trainset=None) -> Path:
 
     ``trainset`` replaces reading ``config.data.root`` (tests, the demo).
     """
-    return Trainer(config, resume=resume, trainset=trainset).fit()
+    from tpas.data.images import bad_image_policy
+
+    with bad_image_policy(config.data.on_bad_image):  # validation's encoding follows the training policy
+        return Trainer(config, resume=resume, trainset=trainset).fit()
