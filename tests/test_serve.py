@@ -528,11 +528,15 @@ def test_the_page_default_follows_the_models_validation(gallery):
     assert TestClient(create_app(FakeEngine(gallery))).get("/api/examples").json()["defaults"] == {"rerank": 0}
 
 
-def test_build_app_for_warms_up_before_it_returns(tiny_engine, tmp_path):
+def test_build_app_for_warms_up_before_it_returns(tiny_engine, tmp_path, caplog):
     from tpas.serve.run import build_app_for
 
     model_dir = tiny_engine.model.save_pretrained(tmp_path / "model")
-    app = build_app_for(tiny_engine.index.directory, model_dir, examples=["a man is running"])
+    with caplog.at_level("INFO"):
+        app = build_app_for(tiny_engine.index.directory, model_dir, examples=["a man is running"], token=TOKEN)
     engine = app.state.engine
     assert engine.index._faiss is not None  # FAISS was read before the first user asked
+    assert "warmed up with one query" in caplog.text and "warm-up query answered" not in caplog.text  # a 200
     assert app.state.default_rerank == 0  # this model records no validated re-ranking gain
+    c = TestClient(app)  # the app still answers normally afterwards
+    assert c.get("/api/search", params={"q": "a woman"}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200

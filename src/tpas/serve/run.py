@@ -2,8 +2,9 @@
 (browser test, load benchmark). We bind the socket ourselves so port 0 picks a free port and the
 printed address is always the real one.
 
-Before it says it is ready, the server answers one query itself (:func:`warm_up`), so the first
-user does not wait for FAISS, the token memory map and the model's first call. It listens on the
+Before it says it is ready, the server answers one search request itself (:func:`warm_up`), so the
+first user does not wait for FAISS, the token memory map, the model's first call or the web stack's
+first request. It listens on the
 loopback address unless told otherwise (``allow_remote``), and takes its bearer token from
 ``$TPAS_SERVE_TOKEN`` or a file, never from the command line, where ``ps`` would show it.
 """
@@ -159,12 +160,34 @@ def validated_rerank(model: Any) -> int:
     return int(depth)
 
 
-def warm_up(engine: Any, text: str, rerank: int = 0) -> float:
-    """Answer one query before the server reports ready, so the first user does not pay for the
-    lazy parts (FAISS read, token memory map, the model's first call); returns its milliseconds."""
+def warm_up(app: Any, text: str, rerank: int = 0) -> float:
+    """Answer one search request before the server reports ready, in process, through the whole app
+    (token check, validation, batcher, engine): the first user then pays neither for the lazy parts
+    of the engine (FAISS read, token memory map, the model's first call) nor for the web stack's
+    first request. Returns its milliseconds."""
+    import asyncio
+    from urllib.parse import urlencode
+
+    token = getattr(app.state, "token", None)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/api/search", "raw_path": b"/api/search", "root_path": "",
+             "query_string": urlencode({"q": text, "rerank": rerank}).encode(),
+             "headers": [(b"authorization", f"Bearer {token}".encode())] if token else [],
+             "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0)}
+    statuses: list[int] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
     start = time.perf_counter()
-    engine.search(text, k=10, rerank=rerank)
+    asyncio.run(app(scope, receive, send))
     ms = (time.perf_counter() - start) * 1000.0
+    if statuses != [200]:
+        log.warning("warm-up query answered %s; the first user's query may be slow", statuses)
     log.info("warmed up with one query in %.0f ms", ms)
     return ms
 
@@ -190,5 +213,5 @@ def build_app_for(index: str | Path, model: str | Path, examples: Sequence[str] 
         info["gallery_size"] = len(engine)
     kwargs.setdefault("default_rerank", validated_rerank(engine.model))
     app = create_app(engine, examples=examples, info=info, token=token, **kwargs)
-    warm_up(engine, (list(examples or ()) or list(DEFAULT_EXAMPLES))[0], app.state.default_rerank)
+    warm_up(app, (list(examples or ()) or list(DEFAULT_EXAMPLES))[0], app.state.default_rerank)
     return app
