@@ -105,6 +105,7 @@ def test_a_split_whose_file_cannot_be_read_says_its_images_were_not_checked(tmp_
     assert report.unchecked_splits == ["ucc"] and "ucc.json" in report.annotation_errors[0]
     text = report.summary()
     assert "images of split 'ucc' NOT checked" in text and "PROBLEMS FOUND" in text
+    assert "missing images: 0 (split ucc NOT checked)" in text  # never a bare "0" for images nobody looked at
 
 
 def test_problems_are_capped_on_screen_with_a_count(tmp_path):

@@ -31,6 +31,7 @@ __all__ = ["CheckReport", "check_dataset", "default_splits"]
 
 BATCH = 4096  # images submitted to the pool at a time, so a million paths do not become a million futures
 KEEP = 10_000  # annotation problems kept per split (the rest are counted)
+IMAGE_COUNTS = ("distinct images", "missing images", "corrupt images")  # say so when a split was not read
 
 
 @dataclass
@@ -59,7 +60,8 @@ class CheckReport:
     def summary(self, show: int = 20) -> str:
         """Counts, then at most ``show`` problems of each kind with how many there are in all."""
         lines = [f"{self.format} dataset at {self.root} (splits: {', '.join(self.splits)})"]
-        lines += [f"  {name}: {value}" for name, value in self.counts.items()]
+        unchecked = f" (split {', '.join(self.unchecked_splits)} NOT checked)" if self.unchecked_splits else ""
+        lines += [f"  {name}: {value}{unchecked if name in IMAGE_COUNTS else ''}" for name, value in self.counts.items()]
         corrupt = [f"{c['path']}: {c['reason']}" for c in self.corrupt]
         for title, items, total in (("annotation problems", self.annotation_errors, self.annotation_error_count),
                                     ("missing images", self.missing, len(self.missing)),

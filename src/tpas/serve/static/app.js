@@ -20,21 +20,27 @@ async function api(url, options) {
   return res;
 }
 
+let tokenPrompt = null;
+
 function askForToken() {
-  // Resolves once the user has entered a token (the request is then tried again).
+  // Resolves once the user has entered a token (the request is then tried again); requests that
+  // are refused meanwhile (ten images at once) wait for the same answer.
+  if (tokenPrompt) return tokenPrompt;
   const box = $("auth");
   box.hidden = false;
   $("token").focus();
-  return new Promise((resolve) => {
+  tokenPrompt = new Promise((resolve) => {
     box.onsubmit = (ev) => {
       ev.preventDefault();
       token = $("token").value.trim();
       sessionStorage.setItem("tpas-token", token);
       $("token").value = "";
       box.hidden = true;
+      tokenPrompt = null;
       resolve();
     };
   });
+  return tokenPrompt;
 }
 
 async function showImage(img, url) {
