@@ -77,6 +77,11 @@ def test_demo_writes_every_output(demo_run, capsys):
     steps = sorted(p.stem for p in (out / ".steps").glob("*.json"))
     assert steps == ["data", "eval", "index", "report", "train"]
     assert (out / "examples.txt").read_text().strip()
+    # nothing the demo never reads again: no checkpoints (optimizer state), no second and third copy of
+    # the weights next to model/; the training log stays
+    assert sorted(p.name for p in (out / "train").iterdir() if p.name != "tensorboard") == ["config.yaml", "log.jsonl"]
+    weights = [p for p in out.rglob("*.safetensors")]
+    assert weights == [out / "model" / "model.safetensors"], weights
 
 
 def test_demo_resumes_and_refuses_other_parameters(demo_run, capsys):

@@ -59,7 +59,8 @@ def test_itc_eval_matches_direct_metrics(model, tmp_path):
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["R@1"] == pytest.approx(result.metrics["R@1"]) and saved["settings"]["post"] == "none"
     page = (tmp_path / "out" / "report.html").read_text()
-    assert page.count('class="c hit"') + page.count('class="c miss"') == 10 * 12
+    deep = page.count(" true match</div>")  # true matches below the top 10, shown after it
+    assert page.count('class="c hit"') + page.count('class="c miss"') - deep == 10 * 12
     assert page.count('class="c hit"') >= 1 and "data:image/jpeg;base64," in page
     assert not (tmp_path / "out" / "answer.txt").exists()
 
@@ -159,7 +160,7 @@ def test_cli_index_search_eval(model, tmp_path, capsys):
                  "--out", str(tmp_path / "ev"), "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "R@1" in out and "anomaly" in out and (tmp_path / "ev" / "report.html").is_file()
-    other = create_model("lite-tiny")
+    other = create_model("lite-tiny", seed=1)  # another seed: other weights
     other_dir = other.save_pretrained(tmp_path / "other")
     assert main(["search", "--index", str(tmp_path / "idx"), "--model", str(other_dir), "x"]) == 2
     assert "different model" in capsys.readouterr().err
@@ -179,3 +180,26 @@ def test_cli_eval_on_generated_minipab_challenge(model, tmp_path, capsys):
     assert len(answer) == n_queries and "answer.txt" in out
     saved = json.loads((tmp_path / "ch" / "metrics.json").read_text())
     assert saved["answer_scores"]["R@1"] == pytest.approx(saved["R@1"])
+
+
+def test_sca_report_reads_in_rank_order_and_shows_a_true_match_below_the_top_10(model, tmp_path):
+    import re
+
+    evalset = make_evalset(tmp_path / "data", n=16)
+    run_eval(model, evalset, post="sca", out_dir=tmp_path / "out", progress=False)
+    page = (tmp_path / "out" / "report.html").read_text()
+    blocks = page.split('<div class="q">')[1:]
+    assert len(blocks) == 16
+    picks = deep = 0
+    for block in blocks:
+        cells = re.findall(r"<div>#(\d+) ([^<]+)</div>", block)
+        top = [(int(rank), shown) for rank, shown in cells if shown != "true match"]
+        assert [rank for rank, _ in top] == list(range(1, 11))
+        numbers = [float(shown) for _, shown in top if shown != "SCA pick"]
+        assert numbers == sorted(numbers, reverse=True), block  # the printed scores follow the ranks
+        picks += sum(shown == "SCA pick" for _, shown in top)
+        stated = int(re.search(r"true match at rank (\d+)", block).group(1))
+        if stated > 10:  # shown after the top 10, with its rank
+            assert (str(stated), "true match") in cells
+            deep += 1
+    assert picks > 0 and deep > 0  # the untrained model gives SCA work and ranks some matches low

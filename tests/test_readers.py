@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from readers_fixtures import make_challenge, make_pab, make_tbps, tbps_entries, write_jsonl
@@ -57,10 +58,14 @@ def test_pab_train_missing_images(tmp_path, caplog):
     root = make_pab(tmp_path, files=1, persons=2)
     (root / "train/imgs_0/full/1.jpg").unlink()  # anomaly image of person 1 = hard image of its partner
     assert len(read_pab_train(root)) == 4  # images are not looked up by default
-    with pytest.raises(DataError, match=r"attr_0\.json:3: image not found: .*full/1\.jpg"):
+    with pytest.raises(DataError) as err:
         read_pab_train(root, check_images=True)
+    lines = str(err.value).splitlines()  # every reference is listed, one line each, with its annotation line
+    assert "annotation/train: 2 image references point at" in lines[0] and "--on-bad-image skip" in lines[0]
+    assert re.search(r"attr_0\.json:3: train/imgs_0/full/1\.jpg: image not found \(looked for .*full/1\.jpg\)", lines[1])
+    assert re.search(r"attr_0\.json:4: train/imgs_0/full/1\.jpg: image not found", lines[2])
     with caplog.at_level(logging.WARNING):
-        train = read_pab_train(root, check_images=True, on_missing="skip")
+        train = read_pab_train(root, check_images=True, on_bad_image="skip")
     assert [p.image_id for p in train.pairs] == ["0_0", "0_1"]
     assert "skipped 2 pairs" in caplog.text and "full/1.jpg" in caplog.text
 
@@ -87,10 +92,10 @@ def test_pab_test_falls_back_to_pair_json(tmp_path):
 def test_pab_test_missing_image_skip_drops_its_queries(tmp_path, caplog):
     root = make_pab(tmp_path)
     (root / "test/imgs/2.jpg").unlink()
-    with pytest.raises(DataError, match=r"attr\.json:3: image not found"):
+    with pytest.raises(DataError, match=r"attr\.json:3: test/imgs/2\.jpg: image not found"):
         read_pab_test(root)
     with caplog.at_level(logging.WARNING):
-        test = read_pab_test(root, on_missing="skip")
+        test = read_pab_test(root, on_bad_image="skip")
     assert "t_2" not in {g.image_id for g in test.gallery} and "t_2" not in {q.target for q in test.queries}
     assert "skipped 1 gallery images" in caplog.text
 
@@ -180,9 +185,9 @@ def test_tbps_bad_entries(tmp_path):
 def test_tbps_missing_image(tmp_path):
     root = make_tbps(tmp_path, "icfg")
     (root / "imgs/test/3_1.jpg").unlink()
-    with pytest.raises(DataError, match=r"ICFG-PEDES\.json: entry 7: image not found"):
+    with pytest.raises(DataError, match=r"ICFG-PEDES\.json: entry 7: imgs/test/3_1\.jpg: image not found"):
         load_eval(root, "icfg")
-    assert len(load_eval(root, "icfg", on_missing="skip").gallery) == 3
+    assert len(load_eval(root, "icfg", on_bad_image="skip").gallery) == 3
 
 
 def test_unknown_format_and_split(tmp_path):
@@ -204,7 +209,10 @@ def _bad_line(tmp_path, line: bytes):
 @pytest.mark.parametrize(
     "line, message",
     [
-        (b'{"image": "train/x.jpg", "caption": "a"', r"attr_0\.json:3: malformed JSON at column \d+"),
+        (b'{"image": "train/x.jpg", "caption": "a"', r"attr_0\.json:3: malformed JSON: the line ends at column 40 "),
+        (b'{"image": "train/x.jpg", "caption": "a man wal', r"attr_0\.json:3: malformed JSON: the line ends at column "
+                                                           r"47 inside a string that starts at column 37"),
+        (b'{"image": "train/x.jpg",, "caption": "a"}', r"attr_0\.json:3: malformed JSON at column 25: Expecting"),
         (b'{"caption": "a", "image_id": "1"}', r"attr_0\.json:3: missing required field 'image'"),
         (b'{"image": "x.jpg", "caption": "a"}', r"attr_0\.json:3: missing required field 'image_id'"),
         (b'{"image": "x.jpg", "caption": "   ", "image_id": "1"}', r"attr_0\.json:3: field 'caption' is an empty caption"),

@@ -99,3 +99,36 @@ def test_models_command(capsys, tmp_path):
     assert info["family"] == "lite" and info["image_size"] == [64, 32] and info["parameters"]["total"] > 0
     assert main(["models", "no-such-model"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_a_name_gives_the_same_weights_in_every_process_and_leaves_the_callers_rng_alone():
+    import subprocess
+    import sys
+
+    from tpas.search.index import model_fingerprint
+
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    here = model_fingerprint(create_model("lite-tiny"))
+    assert torch.equal(torch.get_rng_state(), before)  # building did not draw from the global RNG
+    torch.manual_seed(7)  # whatever the caller did to its RNG, the name decides
+    assert model_fingerprint(create_model("lite-tiny")) == here
+    code = ("from tpas.models import create_model; from tpas.search.index import model_fingerprint; "
+            "print(model_fingerprint(create_model('lite-tiny')))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == here
+    assert model_fingerprint(create_model("lite-tiny", seed=1)) != here  # training passes train.seed
+
+
+def test_training_refuses_a_model_that_would_start_from_random_weights(tmp_path, capsys):
+    from tpas.errors import TpasError
+
+    with pytest.raises(TpasError, match="model.from_scratch=true"):
+        registry.check_starting_weights("xvlm-base", None, from_scratch=False)
+    registry.check_starting_weights("xvlm-base", None, from_scratch=True)
+    registry.check_starting_weights("xvlm-base", tmp_path / "16m.th", from_scratch=False)
+    registry.check_starting_weights("lite", None, from_scratch=False)  # pretrained towers from packages
+    registry.check_starting_weights("xvlm-small", None, from_scratch=False)  # a test config, random by design
+    assert main(["train", "--config", "pab-xvlm", f"data.root={tmp_path}", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'xvlm-base' has no pretrained weights" in err and "from_scratch" in err

@@ -404,13 +404,16 @@ def test_tpas_serve_command_end_to_end(tiny_engine, tmp_path):
                              "--model", str(model_dir), "--port", "0", "--examples", str(examples)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = None
+        url, before = None, []
         for line in proc.stdout:
+            before.append(line)
             match = re.search(r"search page at (http://\S+/)", line)
             if match:
                 url = match.group(1)
                 break
         assert url and url.startswith("http://127.0.0.1:"), url
+        assert not any("faiss" in line for line in before), before  # no "could not load AVX2" noise
+        assert any("warmed up with one query" in line for line in before), before
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -431,3 +434,109 @@ def test_tpas_serve_command_end_to_end(tiny_engine, tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0
+
+
+def test_whitespace_is_collapsed_before_the_length_limit(client):
+    padded = "man" + " " * 400 + "running"
+    r = client.get("/api/search", params={"q": padded})
+    assert r.status_code == 200 and r.json()["query"] == "man running"
+    r = client.get("/api/search", params={"q": "x" * 301})
+    assert r.status_code == 422 and r.json()["error"] == "q: at most 300 characters (this one has 301)"
+
+
+def test_queries_the_model_cannot_read_say_so(tiny_engine, client):
+    real = TestClient(create_app(tiny_engine))
+    for c in (real, client):  # the real WordPiece tokenizer, and a fake engine without one
+        for q in ("😀🏃‍♀️", "一个穿红衣服的男人在跑步", "%%%"):
+            body = c.get("/api/search", params={"q": q}).json()
+            assert body["understood"] is False and "arbitrary" in body["notice"], q
+            assert len(body["results"]) > 0  # still answered, with the notice
+        body = c.get("/api/search", params={"q": "a man in red running 😀"}).json()
+        assert body["understood"] is True and body["notice"] is None
+    body = real.get("/api/search?q=%FF%FE%FD").json()  # bytes that are not UTF-8
+    assert body["understood"] is False and "not UTF-8" in body["notice"]
+
+
+TOKEN = "tok-0123456789abcdef-XYZ"
+
+
+def test_a_token_guards_every_api_and_image_request_but_not_the_page(gallery):
+    c = TestClient(create_app(FakeEngine(gallery), token=TOKEN))
+    good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": "Bearer nope-nope-nope-nope"}
+    for url in ("/", "/static/app.js", "/static/style.css"):
+        assert c.get(url).status_code == 200, url
+    for url in ("/api/search?q=man", "/api/examples", "/images/0000", "/healthz"):
+        for headers in ({}, wrong, {"Authorization": TOKEN}):
+            r = c.get(url, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (url, headers)
+            assert "Authorization: Bearer" in r.json()["error"]
+        assert c.get(url, headers=good).status_code == 200, url
+
+
+def test_the_token_comes_from_the_environment_or_a_file_never_the_command_line(tmp_path, monkeypatch):
+    from tpas.cli import build_parser
+    from tpas.errors import TpasError
+    from tpas.serve.run import read_token
+
+    monkeypatch.delenv("TPAS_SERVE_TOKEN", raising=False)
+    assert read_token() is None
+    monkeypatch.setenv("TPAS_SERVE_TOKEN", TOKEN)
+    assert read_token() == TOKEN
+    (tmp_path / "t").write_text("file-token-0123456789\n")
+    assert read_token(tmp_path / "t") == "file-token-0123456789"
+    (tmp_path / "short").write_text("abc\n")
+    with pytest.raises(TpasError, match="at least 16"):
+        read_token(tmp_path / "short")
+    with pytest.raises(TpasError, match="cannot read the token file"):
+        read_token(tmp_path / "missing")
+    with pytest.raises(SystemExit):  # there is no option that would put it in `ps` output
+        build_parser().parse_args(["serve", "--index", "i", "--model", "m", "--token", TOKEN])
+
+
+def test_listening_beyond_this_machine_needs_an_explicit_flag(capsys, caplog):
+    from tpas.cli import main
+    from tpas.errors import TpasError
+    from tpas.serve.run import check_bind
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        check_bind(host, allow_remote=False, token=None)
+    with pytest.raises(TpasError, match="--allow-remote"):
+        check_bind("0.0.0.0", allow_remote=False, token=TOKEN)
+    check_bind("0.0.0.0", allow_remote=True, token=TOKEN)
+    with caplog.at_level("WARNING"):
+        check_bind("192.168.1.5", allow_remote=True, token=None)
+    assert "without a token" in caplog.text
+    # refused before the index or the model is even looked at
+    assert main(["serve", "--index", "/nowhere", "--model", "/nowhere", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--allow-remote" in err
+
+
+def test_the_page_default_follows_the_models_validation(gallery):
+    from types import SimpleNamespace
+
+    from tpas.serve.run import validated_rerank
+
+    def model(**fields):
+        return SimpleNamespace(config=SimpleNamespace(rerank_weight=0.3, **fields))
+
+    assert validated_rerank(model()) == 0  # nothing recorded: ITC only
+    assert validated_rerank(model(rerank_depth=16, rerank_gain=-0.8)) == 0  # re-ranking hurt on validation
+    assert validated_rerank(model(rerank_depth=16, rerank_gain=1.2)) == 16
+    c = TestClient(create_app(FakeEngine(gallery), default_rerank=16, limits=Limits(max_rerank=8)))
+    assert c.get("/api/examples").json()["defaults"] == {"rerank": 8}  # never above what a request may ask
+    assert TestClient(create_app(FakeEngine(gallery))).get("/api/examples").json()["defaults"] == {"rerank": 0}
+
+
+def test_build_app_for_warms_up_before_it_returns(tiny_engine, tmp_path, caplog):
+    from tpas.serve.run import build_app_for
+
+    model_dir = tiny_engine.model.save_pretrained(tmp_path / "model")
+    with caplog.at_level("INFO"):
+        app = build_app_for(tiny_engine.index.directory, model_dir, examples=["a man is running"], token=TOKEN)
+    engine = app.state.engine
+    assert engine.index._faiss is not None  # FAISS was read before the first user asked
+    assert "warmed up with one query" in caplog.text and "warm-up query answered" not in caplog.text  # a 200
+    assert app.state.default_rerank == 0  # this model records no validated re-ranking gain
+    c = TestClient(app)  # the app still answers normally afterwards
+    assert c.get("/api/search", params={"q": "a woman"}, headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200

@@ -268,8 +268,7 @@ def test_two_processes_gloo_stay_in_sync_and_itc_equals_single_process(tiny_pab,
 
     w0, w1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
 
-    torch.manual_seed(42)
-    init = create_model("lite-tiny").state_dict()
+    init = create_model("lite-tiny", seed=42).state_dict()  # what training with train.seed=42 starts from
     params = [k for k in w0 if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(w0[k], w1[k]) for k in params), "ranks diverged"
     assert any(not torch.equal(w0[k], init[k]) for k in params), "nothing trained"

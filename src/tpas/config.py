@@ -52,6 +52,9 @@ def resolve_config(name_or_path: str | Path) -> Path:
 class ModelSection:
     name: str = "lite"  # a registered model name or a save_pretrained directory
     checkpoint: str | None = None  # family-specific weight file (e.g. an official X-VLM .th)
+    # a model that has no pretrained weights without a checkpoint (xvlm-base) is refused unless this
+    # says that training from random weights is meant
+    from_scratch: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # create_model(**options) overrides
     # freezing for families with set_trainable (lite): -1 = all train, 0 = frozen, k = top k
     train_text_layers: int | None = None
@@ -70,6 +73,9 @@ class DataSection:
     hard_pairs: bool = True  # load PAB's same-person opposite-behaviour pair (for ITM negatives)
     eda: float = 0.0  # probability of EDA-style text augmentation per caption (deletion/swap)
     group_batches: bool = False  # keep an identity's pairs (PAB: normal + anomaly) in the same batch
+    # an image that is missing or does not decode: "error" stops before training with a list of them
+    # (or with one line when a worker meets one later); "skip" drops or replaces it and reports it
+    on_bad_image: str = "error"
 
 
 @dataclass

@@ -4,7 +4,9 @@ Steps (each logged, each skipped when its finished-marker is already there, so a
 resumes where it stopped):
 
 1. ``data``   generate mini-PAB (procedural pedestrians + captions, PAB layout)
-2. ``train``  train the ``lite`` model with the shipped ``minipab-lite`` config
+2. ``train``  train the ``lite`` model with the shipped ``minipab-lite`` config; once the best model
+              is copied to ``model/``, the checkpoints (optimizer state included) and the run's
+              ``last/`` and ``best/`` copies are removed: the demo never reads them again
 3. ``index``  index the test gallery (with image tokens, for ITM): shared by eval and the page
 4. ``eval``   evaluate on the test split: ITC only, + ITM re-ranking, + SCA  -> results.md/json
 5. ``report`` report.html: the table plus links to each setting's retrieval report
@@ -229,6 +231,15 @@ head; SCA then resolves queries that claim the same top-1 image.</p>
     return path
 
 
+def prune_training(train_dir: Path) -> None:
+    """Remove what only an unfinished training run needs (checkpoints to resume from) and the copies
+    of weights ``model/`` already holds; the run's config and log stay. Safe to call again."""
+    for name in ("checkpoints", "last", "best"):
+        if (train_dir / name).exists():
+            shutil.rmtree(train_dir / name)
+            log.info("[demo] removed %s (model/ holds the trained weights)", train_dir / name)
+
+
 def build_gallery_index(data_dir: Path, model_dir: Path, index_dir: Path, workers: int = 0,
                         device: str = "auto") -> None:
     """Index the test gallery with image tokens (``build_index`` resumes an interrupted build)."""
@@ -282,6 +293,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         shutil.copytree(best, model_dir)
 
     steps.run("train", train_params, do_train)
+    prune_training(train_dir)
 
     steps.run("index", train_params,
               lambda: build_gallery_index(data_dir, model_dir, index_dir, opts.workers, opts.device))
@@ -319,9 +331,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             "examples": examples}
 
 
-def serve_demo(result: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, device: str = "auto") -> None:
+def serve_demo(result: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+               allow_remote: bool = False, token: str | None = None) -> None:
     from tpas.serve.run import build_app_for, serve_forever
 
-    app = build_app_for(result["index"], result["model"], examples=result["examples"], device=device)
-    serve_forever(app, host=host, port=port)
+    app = build_app_for(result["index"], result["model"], examples=result["examples"], device=device, token=token)
+    serve_forever(app, host=host, port=port, allow_remote=allow_remote)
 

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_device_argument"]
+__all__ = ["add_bad_image_argument", "add_device_argument"]
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """``--device`` for every command that runs a model (see :func:`tpas.utils.device.resolve_device`)."""
     parser.add_argument("--device", default="auto",
                         help="torch device: auto (this process's GPU when there is one, else cpu), cpu, cuda, cuda:N")
+
+
+def add_bad_image_argument(parser: argparse.ArgumentParser, default: str | None = "error") -> None:
+    """``--on-bad-image`` for every command that reads images (see :mod:`tpas.data.images`);
+    ``default=None`` leaves the choice to the run config (``tpas train``: ``data.on_bad_image``)."""
+    parser.add_argument("--on-bad-image", choices=("error", "skip"), default=default,
+                        help="an image that is missing or does not decode: error = stop before the work starts, "
+                             "listing every such image (default" + ("" if default else ": data.on_bad_image, error")
+                             + "); skip = leave it out and report at the end what was skipped")

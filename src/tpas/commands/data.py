@@ -13,7 +13,8 @@ SHOW = 20  # problems printed; the report file holds all of them
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="check a dataset's annotations and images before using it",
                        description="Parse every annotation file and decode every referenced image "
-                                   "(in parallel); list missing and corrupt files. Exit 1 if any.")
+                                   "(in parallel); list every bad line, duplicate id, missing and corrupt "
+                                   "file. Exit 1 if there is any.")
     p.add_argument("root", help="dataset root (PAB: holds annotation/ and train/; TBPS: holds the json and imgs/)")
     p.add_argument("--format", required=True, choices=("pab", "cuhk", "icfg", "rstp"))
     p.add_argument("--split", action="append", default=None,
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "pab: train, test, ucc, challenge; cuhk/rstp: train, val, test; icfg: train, test")
     p.add_argument("--workers", type=int, default=8, help="threads decoding images (default 8)")
     p.add_argument("--report", default=None,
-                   help="JSON report with every problem (default: ./check-data-<format>.json)")
+                   help="also write the full report (every problem) as JSON to this file")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("check-answer", help="validate a challenge answer.txt before submitting it",
@@ -50,8 +51,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     report = check_dataset(args.root, args.format, splits=args.split, workers=args.workers)
     print(report.summary(show=SHOW))
-    path = report.save(args.report or f"check-data-{args.format}.json")
-    print(f"report written to {path}")
+    if args.report:
+        print(f"report written to {report.save(args.report)}")
     return 0 if report.ok else 1
 
 

@@ -22,6 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes for data generation (default 2)")
     p.add_argument("--no-serve", dest="serve", action="store_false", help="stop after the report and index")
     p.add_argument("--host", default="127.0.0.1", help="address for the search page (default 127.0.0.1)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other machines can reach (the token comes from $TPAS_SERVE_TOKEN)")
     p.add_argument("--port", type=int, default=8000, help="port for the search page (default 8000; 0 = any free)")
     add_device_argument(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides, e.g. train.epochs=2")
@@ -31,17 +33,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tpas.demo import DemoOptions, default_out, run_demo, serve_demo
     from tpas.errors import TpasError
+    from tpas.serve.run import check_bind, read_token
 
     for item in args.overrides:
         if "=" not in item:
             raise TpasError(f"override {item!r} is not KEY=VALUE")
     if args.identities < 2:
         raise TpasError("--identities must be at least 2")
+    token = read_token()
+    if args.serve:
+        check_bind(args.host, args.allow_remote, token)  # before the demo's minutes of work, not after
     opts = DemoOptions(out=args.out or default_out(), identities=args.identities, seed=args.seed,
                        config=args.config, overrides=list(args.overrides), rerank=args.rerank,
                        zero_shot=args.zero_shot, workers=args.workers, serve=args.serve,
                        host=args.host, port=args.port, device=args.device)
     result = run_demo(opts)
     if opts.serve:
-        serve_demo(result, host=opts.host, port=opts.port, device=opts.device)
+        serve_demo(result, host=opts.host, port=opts.port, device=opts.device, allow_remote=args.allow_remote,
+                   token=token)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tpas.commands import add_device_argument
+from tpas.commands import add_bad_image_argument, add_device_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--report-queries", type=int, default=24, help="queries shown in report.html")
+    add_bad_image_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run)
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from tpas.eval.tables import FIGURES, by_group, markdown_table
     from tpas.models import create_model
 
-    evalset = load_eval(args.data, args.format, args.split)
+    evalset = load_eval(args.data, args.format, args.split, on_bad_image=args.on_bad_image)
     model = create_model(args.model, device=args.device)
     out = Path(args.out) if args.out else Path("runs") / "eval" / args.split
     result = run_eval(model, evalset, rerank=args.rerank, weight=args.weight, itm_mode=args.itm, post=args.post,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
-from tpas.commands import add_device_argument
+from tpas.commands import add_bad_image_argument, add_device_argument
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="flat = exact inner product (default); ivf/hnsw = approximate, for millions of images")
     p.add_argument("--no-tokens", action="store_true", help="skip the image tokens (smaller index, no re-ranking)")
     p.add_argument("--overwrite", action="store_true", help="replace an index built for another model or gallery")
+    add_bad_image_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run_index)
 
@@ -50,17 +52,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
+    from tpas.data.images import check_gallery
     from tpas.models import create_model
     from tpas.search.index import build_index, gallery_from_folder
 
     if args.images:
         root = Path(args.images)
-        gallery = gallery_from_folder(root)
+        gallery = check_gallery(root, gallery_from_folder(root), args.on_bad_image, root)
     else:
         from tpas.data.datasets import load_eval
 
         root = Path(args.data)
-        evalset = load_eval(root, args.format, args.split)
+        evalset = load_eval(root, args.format, args.split, on_bad_image=args.on_bad_image)
         root, gallery = evalset.root, evalset.gallery
     model = create_model(args.model, device=args.device)
     out = build_index(model, gallery, root, args.out, batch_size=args.batch_size, workers=args.workers,
@@ -77,9 +80,14 @@ def run_search(args: argparse.Namespace) -> int:
     from tpas.models import create_model
     from tpas.search.engine import SearchEngine
 
+    from tpas.serve.app import query_notice
+
     engine = SearchEngine(args.index, create_model(args.model, device=args.device), itm_mode=args.itm)
     text = " ".join(args.text)
     hits = engine.search(text, k=args.k, rerank=args.rerank)
+    notice = query_notice(text, engine.model.tokenizer)
+    if notice:
+        print(f"tpas search: note: {notice}", file=sys.stderr)
     if args.json:
         print(json.dumps([{"rank": h.rank, "id": h.image_id, "score": h.score, "itc": h.itc_score,
                            "itm": h.itm_score, "path": str(h.path)} for h in hits], indent=2))

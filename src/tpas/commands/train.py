@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tpas.commands import add_bad_image_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -19,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="run directory (default: train.out, else runs/<config name>)")
     p.add_argument("--device", choices=("auto", "cpu"), help="auto = GPUs when present (the default), cpu = force the CPU "
                                                            "(same as train.device=cpu)")
+    add_bad_image_argument(p, default=None)
     p.set_defaults(func=run)
 
 
@@ -31,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"train.out={args.out}")
     if args.device:
         overrides.append(f"train.device={args.device}")
+    if args.on_bad_image:
+        overrides.append(f"data.on_bad_image={args.on_bad_image}")
     config = load_config(args.config, overrides)
     out = train(config, resume=args.resume)
     from accelerate import PartialState

@@ -1,9 +1,13 @@
 """``check-data``: is a dataset on disk complete and readable before hours of training depend on it?
 
-It parses every annotation file of the chosen splits through the normal readers (so it reports the
-same ``path:line: reason`` errors they would raise), then opens every referenced image once, in
-parallel threads: an image is *missing* if the file does not exist and *corrupt* if PIL cannot
-verify and fully decode it (truncated JPEGs, HTML error pages saved as .jpg, ...).
+It parses every annotation file of the chosen splits through the normal readers, in their
+collecting mode: every bad line is listed with the same ``path:line: reason`` the readers would
+raise, duplicate ids are problems in every split (training included, where the readers only warn),
+and the images of the lines that did parse are still checked. Then it opens every referenced image
+once, in parallel threads: an image is *missing* if the file does not exist and *corrupt* if PIL
+cannot verify and fully decode it (truncated JPEGs, HTML error pages saved as .jpg, ...).
+
+Nothing is written unless asked: :meth:`CheckReport.save` writes the full report as JSON.
 """
 
 from __future__ import annotations
@@ -16,15 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from tpas.data.datasets import EVAL_SPLITS, FORMATS, load_eval, load_train
+from tpas.data.images import MISSING, decode_problem
+from tpas.data.jsonl import Problems
 from tpas.errors import TpasError
 from tpas.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckReport", "check_dataset", "check_image", "default_splits"]
+__all__ = ["CheckReport", "check_dataset", "default_splits"]
 
-MISSING = "missing"
 BATCH = 4096  # images submitted to the pool at a time, so a million paths do not become a million futures
+KEEP = 10_000  # annotation problems kept per split (the rest are counted)
+IMAGE_COUNTS = ("distinct images", "missing images", "corrupt images")  # say so when a split was not read
 
 
 @dataclass
@@ -33,13 +40,15 @@ class CheckReport:
     format: str
     splits: list[str]
     counts: dict[str, int] = field(default_factory=dict)
-    annotation_errors: list[str] = field(default_factory=list)
+    annotation_errors: list[str] = field(default_factory=list)  # the first KEEP of each split
+    annotation_error_count: int = 0
+    unchecked_splits: list[str] = field(default_factory=list)  # annotations unreadable: images not known
     missing: list[str] = field(default_factory=list)
     corrupt: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not (self.annotation_errors or self.missing or self.corrupt)
+        return not (self.annotation_error_count or self.unchecked_splits or self.missing or self.corrupt)
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, **asdict(self)}
@@ -49,15 +58,19 @@ class CheckReport:
         return Path(path)
 
     def summary(self, show: int = 20) -> str:
-        """Counts, then at most ``show`` missing and corrupt images (the report file has all)."""
+        """Counts, then at most ``show`` problems of each kind with how many there are in all."""
         lines = [f"{self.format} dataset at {self.root} (splits: {', '.join(self.splits)})"]
-        lines += [f"  {name}: {value}" for name, value in self.counts.items()]
-        for err in self.annotation_errors:
-            lines.append(f"  annotation error: {err}")
-        for title, items in (("missing", self.missing), ("corrupt", [f"{c['path']}: {c['reason']}" for c in self.corrupt])):
-            if items:
-                lines.append(f"  {title} images: {len(items)}" + (f" (first {show} shown)" if len(items) > show else ""))
+        unchecked = f" (split {', '.join(self.unchecked_splits)} NOT checked)" if self.unchecked_splits else ""
+        lines += [f"  {name}: {value}{unchecked if name in IMAGE_COUNTS else ''}" for name, value in self.counts.items()]
+        corrupt = [f"{c['path']}: {c['reason']}" for c in self.corrupt]
+        for title, items, total in (("annotation problems", self.annotation_errors, self.annotation_error_count),
+                                    ("missing images", self.missing, len(self.missing)),
+                                    ("corrupt images", corrupt, len(corrupt))):
+            if total:
+                lines.append(f"  {title}: {total}" + (f" (first {show} shown)" if total > show else ""))
                 lines += [f"    {item}" for item in items[:show]]
+        for split in self.unchecked_splits:
+            lines.append(f"  images of split '{split}' NOT checked: its annotations could not be read")
         lines.append("  result: OK" if self.ok else "  result: PROBLEMS FOUND")
         return "\n".join(lines)
 
@@ -84,34 +97,17 @@ def default_splits(root: str | os.PathLike, fmt: str) -> list[str]:
     return found
 
 
-def check_image(path: str | os.PathLike) -> str | None:
-    """None if the image decodes, ``"missing"``, or the reason it is corrupt."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.verify()  # structure and checksums, without decoding pixels
-        with Image.open(path) as im:
-            im.load()  # full decode: catches truncated files that verify() lets through
-    except FileNotFoundError:
-        return MISSING
-    except Exception as exc:  # PIL raises many types for bad data
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _split_images(root: Path, fmt: str, split: str, counts: dict[str, int]) -> list[str]:
-    """Parse one split's annotations (images not looked up yet); return its image paths."""
+def _split_images(root: Path, fmt: str, split: str, counts: dict[str, int], problems: Problems) -> list[str]:
+    """Parse one split's annotations, collecting every problem (images not looked at yet); return
+    the image paths of the records that parsed."""
     if split == "train":
-        data = load_train(root, fmt, check_images=False)
+        data = load_train(root, fmt, check_images=False, problems=problems)
         counts["train pairs"] = len(data)
-        images = [p.image for p in data.pairs] + [p.hard_image for p in data.pairs if p.hard_image]
-    else:
-        evalset = load_eval(root, fmt, split, check_images=False)
-        counts[f"{split} queries"] = len(evalset.queries)
-        counts[f"{split} gallery images"] = len(evalset.gallery)
-        images = [evalset.image_path(g.image).relative_to(root).as_posix() for g in evalset.gallery]
-    return images
+        return [p.image for p in data.pairs] + [p.hard_image for p in data.pairs if p.hard_image]
+    evalset = load_eval(root, fmt, split, check_images=False, problems=problems)
+    counts[f"{split} queries"] = len(evalset.queries)
+    counts[f"{split} gallery images"] = len(evalset.gallery)
+    return [evalset.image_path(g.image).relative_to(root).as_posix() for g in evalset.gallery]
 
 
 def check_dataset(
@@ -129,14 +125,26 @@ def check_dataset(
     report = CheckReport(root=str(root), format=fmt, splits=splits)
     images: dict[str, None] = {}  # ordered set
     for split in splits:
+        problems = Problems(limit=KEEP)
         try:
-            for rel in _split_images(root, fmt, split, report.counts):
+            for rel in _split_images(root, fmt, split, report.counts, problems):
                 images[rel] = None
-        except TpasError as exc:
-            report.annotation_errors.append(f"{split}: {exc}")
+        except TpasError as exc:  # a whole file is unreadable (missing, not JSON): its images are unknown
+            problems.add(str(exc))
+            report.unchecked_splits.append(split)
+        report.annotation_errors += [f"{split}: {message}" for message in problems.messages]
+        report.annotation_error_count += problems.count
     report.counts["distinct images"] = len(images)
+    _check_images(root, list(images), report, workers, progress)
+    report.counts["missing images"] = len(report.missing)
+    report.counts["corrupt images"] = len(report.corrupt)
+    log.info("checked %d images under %s: %d missing, %d corrupt", len(images), root, len(report.missing),
+             len(report.corrupt))
+    return report
 
-    paths = list(images)
+
+def _check_images(root: Path, paths: list[str], report: CheckReport, workers: int, progress: bool) -> None:
+    """Decode every image in ``paths`` (relative to ``root``) in threads; file problems in ``report``."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -145,7 +153,7 @@ def check_dataset(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(paths), BATCH):
             batch = paths[start : start + BATCH]
-            for rel, problem in zip(batch, pool.map(check_image, [root / p for p in batch])):
+            for rel, problem in zip(batch, pool.map(decode_problem, [root / p for p in batch])):
                 if problem == MISSING:
                     report.missing.append(rel)
                 elif problem is not None:
@@ -154,8 +162,3 @@ def check_dataset(
                 bar.update(len(batch))
     if bar is not None:
         bar.close()
-    report.counts["missing images"] = len(report.missing)
-    report.counts["corrupt images"] = len(report.corrupt)
-    log.info("checked %d images under %s: %d missing, %d corrupt", len(paths), root, len(report.missing),
-             len(report.corrupt))
-    return report

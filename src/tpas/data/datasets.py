@@ -10,6 +10,8 @@ import logging
 import os
 from pathlib import Path
 
+from tpas.data.images import check_gallery
+from tpas.data.jsonl import Problems
 from tpas.data.pab import attach_challenge_key, read_pab_challenge, read_pab_test, read_pab_train
 from tpas.data.records import EvalSet, TrainSet
 from tpas.data.tbps import TBPS_FORMATS, read_tbps_eval, read_tbps_train
@@ -37,36 +39,54 @@ def challenge_root(root: str | os.PathLike) -> Path:
     return root
 
 
-def load_train(root: str | os.PathLike, fmt: str, on_missing: str = "error", check_images: bool = False) -> TrainSet:
+def load_train(root: str | os.PathLike, fmt: str, on_bad_image: str = "error", check_images: bool = False,
+               problems: Problems | None = None) -> TrainSet:
     """Training pairs of a dataset root in format ``fmt`` (pab, cuhk, icfg, rstp).
 
-    ``check_images`` looks every image up on disk; ``on_missing`` then raises or skips-and-logs.
+    ``check_images`` runs the pre-flight image check (:mod:`tpas.data.images`); ``on_bad_image``
+    then raises with a list of the bad images or skips-and-reports them. ``problems`` collects
+    annotation errors instead of raising at the first (``tpas check-data``).
     """
     _check_format(fmt)
     if fmt == "pab":
-        return read_pab_train(root, on_missing=on_missing, check_images=check_images)
-    return read_tbps_train(root, fmt, on_missing=on_missing, check_images=check_images)
+        return read_pab_train(root, on_bad_image=on_bad_image, check_images=check_images, problems=problems)
+    return read_tbps_train(root, fmt, on_bad_image=on_bad_image, check_images=check_images, problems=problems)
 
 
-def load_eval(root: str | os.PathLike, fmt: str, split: str = "test", on_missing: str = "error",
-              check_images: bool = True) -> EvalSet:
+def load_eval(root: str | os.PathLike, fmt: str, split: str = "test", on_bad_image: str = "error",
+              check_images: bool = True, problems: Problems | None = None) -> EvalSet:
     """Queries + gallery of one evaluation split.
 
     PAB splits: ``test`` (annotation/test/attr.json or pair.json), ``ucc`` (ucc.json) and
     ``challenge`` (``root`` or ``root/challenge`` holds query.json and gallery/; ``answer_key.json``
     beside them, when present, fills the targets). TBPS splits: ``test`` and, for cuhk/rstp, ``val``.
+    A challenge gallery is a folder of files, checked like any other gallery when ``check_images``.
     """
     _check_format(fmt)
     if split not in EVAL_SPLITS[fmt]:
         raise ValueError(f"{fmt} evaluation splits are {', '.join(EVAL_SPLITS[fmt])}; got {split!r}")
     if fmt != "pab":
-        return read_tbps_eval(root, fmt, split, on_missing=on_missing, check_images=check_images)
+        return read_tbps_eval(root, fmt, split, on_bad_image=on_bad_image, check_images=check_images,
+                              problems=problems)
     if split != "challenge":
-        return read_pab_test(root, split, on_missing=on_missing, check_images=check_images)
+        return read_pab_test(root, split, on_bad_image=on_bad_image, check_images=check_images, problems=problems)
     root = challenge_root(root)
-    evalset = read_pab_challenge(root)
+    evalset = read_pab_challenge(root, problems)
     key = root / ANSWER_KEY
     if key.is_file():
         log.info("attaching ground truth from %s", key)
         evalset = attach_challenge_key(evalset, key)
+    if check_images:
+        evalset = _checked_gallery(evalset, on_bad_image)
     return evalset
+
+
+def _checked_gallery(evalset: EvalSet, on_bad_image: str) -> EvalSet:
+    """``evalset`` without the gallery images that fail the pre-flight check (and without queries
+    whose answer was one of them)."""
+    gallery = check_gallery(evalset.root, evalset.gallery, on_bad_image, evalset.root / "gallery")
+    if len(gallery) == len(evalset.gallery):
+        return evalset
+    targets = {g.target for g in gallery}
+    queries = [q for q in evalset.queries if q.target is None or q.target in targets]
+    return EvalSet(name=evalset.name, root=evalset.root, queries=queries, gallery=gallery)

@@ -8,6 +8,11 @@ would, whatever the number of DataLoader workers.
 
 The sampler shards each *global* batch (``batch_size * world_size`` indices) into contiguous
 per-rank slices, so the concatenation of the ranks' batches in rank order is the global batch.
+
+Bad images (see :mod:`tpas.data.images`): the reader's pre-flight check drops or reports what it
+can see cheaply; an image that still fails to decode in a worker is replaced by the next pair that
+decodes (the batch keeps its size, which the sharded global batch needs) and travels to the main
+process as a message, where :class:`TrainLoader` stops (``error``) or records it (``skip``).
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from tpas.data.images import handle_late_problems
 from tpas.data.records import EvalSet, GalleryImage, ImageText, Query, TrainSet
 from tpas.data.text_augment import eda
-from tpas.data.transforms import EvalTransform, TrainTransform, load_image
+from tpas.data.transforms import EvalTransform, TrainTransform, UnreadableImage, load_image
 
 log = logging.getLogger(__name__)
+
+SUBSTITUTE_TRIES = 64  # pairs tried in place of one whose image does not decode
 
 
 def _mix(*values: int) -> int:
@@ -103,6 +111,22 @@ class PairDataset(Dataset):
         return self.transform(load_image(self.root / rel))
 
     def __getitem__(self, index: int) -> dict:
+        """The pair at ``index``; if one of its images does not decode, the next pair that does, with
+        the problems listed under ``"bad_images"`` (raising here would reach the user as a worker
+        traceback)."""
+        problems: list[str] = []
+        for step in range(SUBSTITUTE_TRIES):
+            try:
+                item = self._item((index + step) % len(self.pairs))
+            except UnreadableImage as exc:
+                problems.append(str(exc))
+                continue
+            item["bad_images"] = problems
+            return item
+        raise UnreadableImage(f"{SUBSTITUTE_TRIES} pairs in a row from index {index} have images that do not "
+                              f"decode, e.g. {problems[0]}")
+
+    def _item(self, index: int) -> dict:
         pair = self.pairs[index]
         rng = random.Random(_mix(self.seed, self.epoch, index))
         caption = pair.caption
@@ -131,8 +155,10 @@ class Collator:
         return cls(_Tokenize(model.tokenizer, model.config.max_text_len))
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        """Tensors for the model, plus ``"bad_images"`` (a list of messages) for :class:`TrainLoader`."""
         ids, mask = self.tokenize([it["caption"] for it in items])
         batch = {
+            "bad_images": [p for it in items for p in it.get("bad_images", ())],
             "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
             "labels": torch.tensor([it["label"] for it in items], dtype=torch.long),
             "images": torch.stack([it["image"] for it in items]),
@@ -211,13 +237,31 @@ def identity_groups(pairs: Sequence[ImageText]) -> list[list[int]]:
     return list(groups.values())
 
 
+class TrainLoader:
+    """The training DataLoader seen from the main process: each batch's ``"bad_images"`` messages
+    (images a worker could not decode) stop the run with one line (``error``) or are recorded in
+    :data:`tpas.data.images.skipped` (``skip``) before the batch, tensors only, is handed on."""
+
+    def __init__(self, loader: DataLoader, on_bad_image: str = "error"):
+        self.loader, self.on_bad_image = loader, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in self.loader:
+            handle_late_problems(batch.pop("bad_images"), self.on_bad_image)
+            yield batch
+
+
 def build_train_loader(dataset: PairDataset, sampler: ShardedBatchSampler, collate: Collator,
-                       workers: int = 0) -> DataLoader:
+                       workers: int = 0, on_bad_image: str = "error") -> TrainLoader:
     """A DataLoader with its own generator, so creating an iterator never draws from the global
     torch RNG (that would make a resumed run diverge)."""
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0), persistent_workers=False,
+                        pin_memory=torch.cuda.is_available())
+    return TrainLoader(loader, on_bad_image)
 
 
 def label_map(pairs: Sequence[ImageText]) -> dict[str, int]:

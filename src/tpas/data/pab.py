@@ -30,7 +30,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tpas.data.jsonl import (
+    FirstSeen,
+    Problems,
     Where,
+    collecting,
     get_caption,
     get_captions,
     get_id,
@@ -39,7 +42,7 @@ from tpas.data.jsonl import (
     optional_id,
     optional_str,
 )
-from tpas.data.missing import MissingImages
+from tpas.data.images import ImageCheck
 from tpas.data.records import Behaviour, EvalSet, GalleryImage, ImageText, Query, TrainSet
 from tpas.errors import DataError
 
@@ -139,54 +142,64 @@ def _train_fields(obj: dict, path: Path, line_no: int) -> tuple:
     )
 
 
-def _read_train_file(path: Path, missing: MissingImages | None) -> Iterable[ImageText]:
+def _read_train_file(path: Path, images: ImageCheck | None, problems: Problems | None,
+                     seen: FirstSeen, duplicates: Problems) -> Iterable[ImageText]:
     # Per-file string sharing: a line's hard caption/image/id is usually its partner's caption/
     # image/id in the same file and the source caption is shared by both, so one copy is kept.
     shared: dict[str, str] = {}
     share = shared.setdefault
     normal_, anomaly_, unknown_ = Behaviour.NORMAL, Behaviour.ANOMALY, Behaviour.UNKNOWN
-    for line_no, obj in iter_jsonl(path):
-        (image, caption, image_id, normal, anomaly, scene, hard_i, hard_c, hard_id, source_id,
-         source_caption) = _train_fields(obj, path, line_no)
-        hard_image = None if hard_i is None else share("train/" + hard_i, "train/" + hard_i)
-        if missing is not None:
+    for line_no, obj in iter_jsonl(path, problems):
+        with collecting(problems):
+            (image, caption, image_id, normal, anomaly, scene, hard_i, hard_c, hard_id, source_id,
+             source_caption) = _train_fields(obj, path, line_no)
+            hard_image = None if hard_i is None else share("train/" + hard_i, "train/" + hard_i)
             where = Where(path, line_no)
-            if not (missing.ok(image, where) and (hard_image is None or missing.ok(hard_image, where))):
-                continue
-        action = normal if normal is not None else anomaly
-        image_id = share(image_id, image_id)
-        yield ImageText(
-            share(image, image),
-            share(caption, caption),
-            image_id,
-            image_id,
-            normal_ if normal is not None else anomaly_ if anomaly is not None else unknown_,
-            None if action is None else share(action, action),
-            None if scene is None else share(scene, scene),
-            hard_image,
-            None if hard_c is None else share(hard_c, hard_c),
-            None if hard_id is None else share(hard_id, hard_id),
-            source_id,
-            None if source_caption is None else share(source_caption, source_caption),
-        )
+            first = seen.duplicate(image_id, where)
+            if first is not None:
+                duplicates.add(f"{where}: duplicate image_id '{image_id}' (first seen at {first})")
+            if images is not None:
+                if not (images.ok(image, where) and (hard_image is None or images.ok(hard_image, where))):
+                    continue
+            action = normal if normal is not None else anomaly
+            image_id = share(image_id, image_id)
+            yield ImageText(
+                share(image, image),
+                share(caption, caption),
+                image_id,
+                image_id,
+                normal_ if normal is not None else anomaly_ if anomaly is not None else unknown_,
+                None if action is None else share(action, action),
+                None if scene is None else share(scene, scene),
+                hard_image,
+                None if hard_c is None else share(hard_c, hard_c),
+                None if hard_id is None else share(hard_id, hard_id),
+                source_id,
+                None if source_caption is None else share(source_caption, source_caption),
+            )
 
 
 def read_pab_train(
     root: str | os.PathLike,
     files: str = "auto",
-    on_missing: str = "error",
+    on_bad_image: str = "error",
     check_images: bool = False,
     progress: bool = True,
+    problems: Problems | None = None,
 ) -> TrainSet:
     """Read every ``annotation/train/{attr,pair}_<n>.json`` under ``root`` into one TrainSet.
 
-    Images are only looked up when ``check_images`` is set (a million ``stat`` calls are not free);
-    then ``on_missing`` decides whether a pair whose image or hard image is absent stops the read
-    ("error") or is dropped and logged ("skip").
+    Images are only looked at when ``check_images`` is set (the pre-flight check of
+    :mod:`tpas.data.images`); then ``on_bad_image`` decides whether pairs whose image or hard image
+    is missing or unreadable stop the read with a list of them ("error") or are dropped and
+    reported ("skip"). An ``image_id`` seen twice is logged as a warning (a duplicate does not stop
+    training; ``tpas check-data`` reports it as a problem). With ``problems`` (check-data) a bad line
+    is recorded there, with the duplicates, and reading goes on.
     """
     root = Path(root)
     paths = train_files(root, files)
-    missing = MissingImages(root, on_missing, "pairs") if check_images else None
+    images = ImageCheck(root, on_bad_image, "pairs") if check_images else None
+    seen, duplicates = FirstSeen(), Problems(limit=5 if problems is None else problems.limit)
     pairs: list[ImageText] = []
     bar = None
     if progress and len(paths) > 1:
@@ -194,9 +207,14 @@ def read_pab_train(
 
         bar = tqdm(paths, desc="read PAB train", unit="file", leave=False)
     for path in bar if bar is not None else paths:
-        pairs.extend(_read_train_file(path, missing))
-    if missing is not None:
-        missing.log_summary(root / "annotation" / "train")
+        pairs.extend(_read_train_file(path, images, problems, seen, duplicates))
+    if images is not None:
+        images.finish(root / "annotation" / "train")
+    if problems is not None:
+        problems.extend(duplicates)
+    elif duplicates:
+        log.warning("%s: %d duplicate image_id lines, e.g. %s", root / "annotation" / "train", duplicates.count,
+                    "; ".join(duplicates.messages))
     log.info("read %d training pairs from %d files under %s", len(pairs), len(paths), root)
     return TrainSet(name=f"pab:{root.name}", root=root, pairs=pairs)
 
@@ -214,39 +232,42 @@ def _test_file(root: Path, split: str) -> Path:
 def read_pab_test(
     root: str | os.PathLike,
     split: str = "test",
-    on_missing: str = "error",
+    on_bad_image: str = "error",
     check_images: bool = True,
+    problems: Problems | None = None,
 ) -> EvalSet:
     """Read ``annotation/test/attr.json`` (or ``pair.json``; ``ucc.json`` for split="ucc").
 
     Each line is one gallery image; each of its captions becomes a query whose target is the line's
     ``image_id`` (query ids ``"<image_id>#<k>"``). A duplicate ``image_id`` is an error: it would
-    make the ground truth ambiguous. With ``on_missing="skip"`` a line whose image is missing is
-    dropped together with its queries (they would have no positive left).
+    make the ground truth ambiguous. With ``on_bad_image="skip"`` a line whose image is missing or
+    unreadable is dropped together with its queries (they would have no positive left). With
+    ``problems`` (check-data) a bad line is recorded there and reading goes on.
     """
     root = Path(root)
     path = _test_file(root, split)
-    missing = MissingImages(root, on_missing, "gallery images") if check_images else None
+    images = ImageCheck(root, on_bad_image, "gallery images") if check_images else None
     queries: list[Query] = []
     gallery: list[GalleryImage] = []
     first_line: dict[str, int] = {}
-    for line_no, obj in iter_jsonl(path):
-        where = Where(path, line_no)
-        image = get_str(obj, "image", where)
-        image_id = get_id(obj, "image_id", where)
-        captions = get_captions(obj, "caption", where)
-        behaviour, action = _behaviour(obj, where)
-        scene = optional_str(obj, "scene", where)
-        if image_id in first_line:
-            raise where.error(f"duplicate image_id '{image_id}' (first seen on line {first_line[image_id]})")
-        first_line[image_id] = line_no
-        if missing is not None and not missing.ok(image, where):
-            continue
-        gallery.append(GalleryImage(image, image_id, image_id, behaviour, action, scene))
-        for k, caption in enumerate(captions):
-            queries.append(Query(f"{image_id}#{k}", caption, image_id, behaviour, action))
-    if missing is not None:
-        missing.log_summary(path)
+    for line_no, obj in iter_jsonl(path, problems):
+        with collecting(problems):
+            where = Where(path, line_no)
+            image = get_str(obj, "image", where)
+            image_id = get_id(obj, "image_id", where)
+            captions = get_captions(obj, "caption", where)
+            behaviour, action = _behaviour(obj, where)
+            scene = optional_str(obj, "scene", where)
+            if image_id in first_line:
+                raise where.error(f"duplicate image_id '{image_id}' (first seen on line {first_line[image_id]})")
+            first_line[image_id] = line_no
+            if images is not None and not images.ok(image, where):
+                continue
+            gallery.append(GalleryImage(image, image_id, image_id, behaviour, action, scene))
+            for k, caption in enumerate(captions):
+                queries.append(Query(f"{image_id}#{k}", caption, image_id, behaviour, action))
+    if images is not None:
+        images.finish(path)
     if not gallery:
         raise DataError("no gallery images (file is empty or every image was skipped)", path)
     log.info("read %d queries, %d gallery images from %s", len(queries), len(gallery), path)
@@ -286,24 +307,26 @@ def _query_index(obj: dict, where: Where) -> int:
         raise where.error(f"field 'query_index' must be an integer, got {value!r}") from None
 
 
-def read_pab_challenge(root: str | os.PathLike) -> EvalSet:
+def read_pab_challenge(root: str | os.PathLike, problems: Problems | None = None) -> EvalSet:
     """Read a masked challenge set: ``query.json`` + ``gallery/<ID>.jpg`` under ``root``.
 
     Targets are None (the ground truth is hidden); queries keep ``query.json`` order, which is the
-    order ``answer.txt`` must follow. Query ids are the ``query_index`` values as strings.
+    order ``answer.txt`` must follow. Query ids are the ``query_index`` values as strings. With
+    ``problems`` (check-data) a bad line is recorded there and reading goes on.
     """
     root = Path(root)
     path = root / "query.json"
     queries: list[Query] = []
     first_line: dict[int, int] = {}
-    for line_no, obj in iter_jsonl(path):
-        where = Where(path, line_no)
-        index = _query_index(obj, where)
-        caption = get_caption(obj, "caption", where)
-        if index in first_line:
-            raise where.error(f"duplicate query_index {index} (first seen on line {first_line[index]})")
-        first_line[index] = line_no
-        queries.append(Query(str(index), caption, None))
+    for line_no, obj in iter_jsonl(path, problems):
+        with collecting(problems):
+            where = Where(path, line_no)
+            index = _query_index(obj, where)
+            caption = get_caption(obj, "caption", where)
+            if index in first_line:
+                raise where.error(f"duplicate query_index {index} (first seen on line {first_line[index]})")
+            first_line[index] = line_no
+            queries.append(Query(str(index), caption, None))
     if not queries:
         raise DataError("no queries", path)
     gallery = [

@@ -10,16 +10,30 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tpas.data.images import MISSING
+from tpas.errors import DataError
+
+
+class UnreadableImage(DataError):
+    """An image file that is missing or does not decode; the message names it, on one line."""
+
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB; the error names the file."""
+    """Open an image as RGB; a missing or undecodable file raises :class:`UnreadableImage`."""
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except OSError as exc:
-        raise OSError(f"cannot decode image {path}: {exc}") from None
+        raise UnreadableImage(f"{path}: {MISSING}") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise UnreadableImage(f"{path}: cannot decode: {exc or type(exc).__name__}") from None
+
+
+def blank_image(size: tuple[int, int], mean) -> Image.Image:
+    """A flat image of the normalisation mean colour (all zeros once normalised): what encoding puts
+    in place of an image that does not decode under ``--on-bad-image skip``."""
+    height, width = size
+    return Image.new("RGB", (width, height), tuple(round(255 * m) for m in mean))
 
 
 def to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:

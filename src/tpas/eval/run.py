@@ -136,8 +136,10 @@ def _write_outputs(out: Path, result: EvalResult, evalset: EvalSet, scores: np.n
         log.warning("gallery has %d images: answer.txt needs %d per query; not written", len(evalset.gallery), TOP)
     elif is_challenge(evalset):
         result.outputs["answer"] = str(_write_answer(out / "answer.txt", evalset, top_rows, result))
-    ranks = _first_positive_ranks(scores, evalset, sample)
-    rows = [ReportRow(q, top_rows[q], shown[i, top_rows[q]], r) for i, (q, r) in enumerate(zip(sample, ranks))]
+    found = _first_positives(scores, evalset, sample)
+    rows = [ReportRow(q, top_rows[q], shown[i, top_rows[q]], rank, order_scores=scores[q, top_rows[q]],
+                      positive_row=row, positive_score=None if row is None else float(shown[i, row]))
+            for i, (q, (rank, row)) in enumerate(zip(sample, found))]
     result.outputs["report"] = str(write_report(out / "report.html", evalset, rows, metrics=result.metrics,
                                                 settings=result.settings,
                                                 title=f"tpas retrieval report: {evalset.name}"))
@@ -145,16 +147,19 @@ def _write_outputs(out: Path, result: EvalResult, evalset: EvalSet, scores: np.n
     write_json(out / "metrics.json", result.to_dict())
 
 
-def _first_positive_ranks(scores: np.ndarray, evalset: EvalSet, queries: list[int]) -> list[int | None]:
+def _first_positives(scores: np.ndarray, evalset: EvalSet, queries: list[int]
+                     ) -> list[tuple[int | None, int | None]]:
+    """(rank, gallery row) of each query's best-ranked true match; (None, None) without one."""
     from tpas.eval.metrics import positive_ranks
 
     targets = np.array([g.target for g in evalset.gallery], dtype=object)
-    ranks: list[int | None] = []
+    found: list[tuple[int | None, int | None]] = []
     for i in queries:
         target = evalset.queries[i].target
         pos = np.flatnonzero(targets == target) if target is not None else np.zeros(0, np.int64)
-        ranks.append(int(positive_ranks(scores[i], pos)[0]) if len(pos) else None)
-    return ranks
+        ranks = [int(positive_ranks(scores[i], pos[j:j + 1])[0]) for j in range(len(pos))]
+        found.append((min(ranks), int(pos[int(np.argmin(ranks))])) if ranks else (None, None))
+    return found
 
 
 def sample_queries(evalset: EvalSet, n: int, seed: int = 0) -> list[int]:

@@ -3,10 +3,16 @@
 A *family* is a RetrievalModel subclass (xvlm, lite, clip). A *named config* is a family plus
 default hyper-parameters (``xvlm-base``, ``lite``, ...). Families register themselves when their
 module is imported; modules are imported lazily so that ``import tpas`` stays light.
+
+A name stands for one set of weights: whatever a named config initialises at random (lite's new
+heads, all of an X-VLM built without a checkpoint) is drawn from a seed derived from the name, in a
+private RNG, so ``tpas index --model lite`` and a later ``tpas search --model lite`` in another
+process use the same model, and building a model never moves the caller's global RNG.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 from dataclasses import dataclass, field
@@ -15,13 +21,14 @@ from typing import Any, Callable
 
 import torch
 
+from tpas.errors import TpasError
 from tpas.models.base import CONFIG_NAME, WEIGHTS_NAME, RetrievalModel, read_config_file
 from tpas.utils.device import resolve_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["create_model", "describe_models", "from_pretrained", "get_family", "list_models", "register_config",
-           "register_family"]
+__all__ = ["check_starting_weights", "create_model", "describe_models", "from_pretrained", "get_family",
+           "list_models", "name_seed", "register_config", "register_family"]
 
 # family -> module that defines it (imported on first use)
 FAMILY_MODULES: dict[str, str] = {
@@ -41,6 +48,9 @@ class NamedConfig:
     # optional builder for families that need more than cls(config) + weights (e.g. X-VLM from
     # upstream config files); called as builder(config_dict, checkpoint, **kwargs)
     builder: Callable[..., RetrievalModel] | None = None
+    # True when the config has no pretrained weights of its own: without a checkpoint every weight
+    # is random, which training refuses unless asked (model.from_scratch)
+    needs_checkpoint: bool = False
 
 
 _NAMED: dict[str, NamedConfig] = {}
@@ -55,8 +65,10 @@ def register_family(name: str) -> Callable[[type[RetrievalModel]], type[Retrieva
     return wrap
 
 
-def register_config(name: str, family: str, description: str = "", builder=None, **defaults: Any) -> None:
-    _NAMED[name] = NamedConfig(family=family, defaults=defaults, description=description, builder=builder)
+def register_config(name: str, family: str, description: str = "", builder=None, needs_checkpoint: bool = False,
+                    **defaults: Any) -> None:
+    _NAMED[name] = NamedConfig(family=family, defaults=defaults, description=description, builder=builder,
+                               needs_checkpoint=needs_checkpoint)
 
 
 def _import_family_module(module: str) -> bool:
@@ -96,8 +108,14 @@ def describe_models() -> dict[str, str]:
     return {name: nc.description for name, nc in sorted(_NAMED.items())}
 
 
+def name_seed(name: str | Path) -> int:
+    """The seed a named config's random parts are drawn from: a stable 63-bit hash of the name."""
+    return int.from_bytes(hashlib.sha256(f"tpas-model:{name}".encode()).digest()[:8], "big") >> 1
+
+
 def create_model(name_or_dir: str | Path, checkpoint: str | Path | None = None, *,
-                 device: str | torch.device | None = None, **overrides: Any) -> RetrievalModel:
+                 device: str | torch.device | None = None, seed: int | None = None,
+                 **overrides: Any) -> RetrievalModel:
     """Build a model from a named config or a directory written by ``save_pretrained``, on ``device``.
 
     ``checkpoint`` is a family-specific weight file (e.g. an official X-VLM ``.th``) loaded after
@@ -105,12 +123,18 @@ def create_model(name_or_dir: str | Path, checkpoint: str | Path | None = None, 
     the family's builder. ``device`` None/"auto" = this process's GPU when there is one, else the
     CPU (:func:`tpas.utils.device.resolve_device`). The model comes back in eval mode.
 
+    Randomly initialised parts come from ``seed`` (default :func:`name_seed` of the name, so a name
+    always gives the same weights; training passes ``train.seed``), in a forked RNG: the caller's
+    global torch RNG is the same afterwards.
+
     Example::
 
         model = create_model("runs/demo/model", device="cpu")
         enc = model.encode_text(*model.tokenize(["a man falls off his bicycle"]))
     """
-    model = _create(name_or_dir, checkpoint, overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(name_seed(name_or_dir) if seed is None else seed)
+        model = _create(name_or_dir, checkpoint, overrides)
     if device is None and any(p.is_meta for p in model.parameters()):
         return model.eval()  # built under `with torch.device("meta")` (shapes only): nothing to move
     return model.to(resolve_device(device)).eval()
@@ -136,6 +160,22 @@ def _create(name_or_dir: str | Path, checkpoint: str | Path | None, overrides: d
     named = _NAMED[name]
     cls = get_family(named.family)
     return _build(cls, dict(named.defaults), checkpoint, overrides, builder=named.builder)
+
+
+def check_starting_weights(name_or_dir: str | Path, checkpoint: str | Path | None, from_scratch: bool) -> None:
+    """Refuse to train a model that would start from random weights without the user asking for it
+    (a named config with ``needs_checkpoint`` and no ``checkpoint``, unless ``from_scratch``)."""
+    name = str(name_or_dir)
+    if Path(name).is_dir() or checkpoint is not None or from_scratch:
+        return
+    if name not in _NAMED:
+        _load_all_families()
+    named = _NAMED.get(name)
+    if named is not None and named.needs_checkpoint:
+        raise TpasError(f"model {name!r} has no pretrained weights of its own and model.checkpoint is not set: "
+                        "it would train from random weights. Set model.checkpoint=PATH (for X-VLM the official "
+                        "16m_base_model_state_step_199999.th), or model.from_scratch=true to train from scratch "
+                        "on purpose")
 
 
 def _build(cls, defaults, checkpoint, overrides, builder) -> RetrievalModel:

@@ -68,3 +68,8 @@ class WordPieceTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    def known_tokens(self, text: str) -> list[str]:
+        """The word pieces of ``text`` that are in the vocabulary ([UNK] left out): an emoji-only or
+        unknown-script query has none that carry a letter (the search server warns about those)."""
+        return [t for t in self._tok.encode(text, add_special_tokens=False).tokens if t != "[UNK]"]

@@ -439,5 +439,5 @@ _NAMED_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                  {**_BASE, "itc_head": "cmp", "embed_dim": 2048, "itc_dropout": 0.5, "max_text_len": 56}),
     "xvlm-small": ("tiny X-VLM: the test fixture's config (vocab cut to 1000 ids)", _SMALL),
 }
-for _name, (_description, _defaults) in _NAMED_CONFIGS.items():
-    register_config(_name, "xvlm", _description, builder=_named(_defaults))
+for _name, (_description, _defaults) in _NAMED_CONFIGS.items():  # all but the test config need a checkpoint
+    register_config(_name, "xvlm", _description, builder=_named(_defaults), needs_checkpoint=_name != "xvlm-small")

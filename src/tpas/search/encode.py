@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tpas.data.transforms import EvalTransform, load_image
+from tpas.data.images import handle_late_problems
+from tpas.data.transforms import EvalTransform, UnreadableImage, blank_image, load_image
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,12 @@ class EncodedTexts:
 
 
 class ImageFiles(Dataset):
-    """Decode + preprocess image files by position (runs inside DataLoader workers)."""
+    """Decode + preprocess image files by position (runs inside DataLoader workers).
+
+    An image that does not decode becomes a blank one plus a message (``""`` for a good image), so
+    the main process applies the bad-image policy (:mod:`tpas.data.images`) instead of a worker
+    raising a traceback.
+    """
 
     def __init__(self, paths: Sequence[str | Path], transform: EvalTransform):
         self.paths = [str(p) for p in paths]
@@ -53,8 +59,11 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[index]))
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        try:
+            return self.transform(load_image(self.paths[index])), ""
+        except UnreadableImage as exc:
+            return self.transform(blank_image(self.transform.size, self.transform.mean)), str(exc)
 
 
 def eval_transform(model) -> EvalTransform:
@@ -89,7 +98,8 @@ def iter_image_batches(model, paths: Sequence[str | Path], batch_size: int = 64,
     device = model.device
     start = 0
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for pixels in loader:
+        for pixels, problems in loader:
+            handle_late_problems([p for p in problems if p])  # raise, or record the blank stand-ins
             out = model.encode_image(pixels.to(device, non_blocking=True))
             embeds = out.embeds.float().cpu().numpy()
             tokens = out.tokens.to(torch.float16).cpu().numpy() if keep_tokens else None

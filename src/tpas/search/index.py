@@ -43,6 +43,9 @@ from tpas.errors import DataError, TpasError
 from tpas.utils.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
+# faiss's loader logs at INFO which CPU build it tried ("could not load library with AVX2 support"):
+# noise on every command that opens an index; its warnings and errors still show.
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 __all__ = ["FAISS_KINDS", "GalleryIndex", "TokenStore", "build_index", "gallery_from_folder", "index_evalset",
            "model_fingerprint", "open_index"]

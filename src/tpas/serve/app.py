@@ -5,15 +5,23 @@ The app only needs an object with ``search(text, k, rerank) -> list[Hit]`` and
 fake engine and ``tpas serve`` hands it a real :class:`tpas.search.engine.SearchEngine`.
 
 Security model: image ids are looked up in the engine's index and never joined into a path, so a
-request can only ever read a file the index already lists. Model inference runs in the
-threadpool, one call at a time, so the event loop keeps answering while the model works; queries
-that arrive meanwhile share the next call (``SearchBatcher``).
+request can only ever read a file the index already lists. With a ``token``, every API and image
+request must carry ``Authorization: Bearer <token>`` (:class:`BearerAuth`); the page itself holds
+no data and loads without it, then asks for the token. Model inference runs in the threadpool, one
+call at a time, so the event loop keeps answering while the model works; queries that arrive
+meanwhile share the next call (``SearchBatcher``).
+
+Queries: whitespace is collapsed before the length limit applies, and a query in which the model
+knows no word (emoji, another script, bytes that were not UTF-8) is answered with a ``notice``
+saying that its results are arbitrary (:func:`query_notice`).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import mimetypes
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,7 +69,7 @@ class Limits:
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
-    (b"content-security-policy", b"default-src 'self'; img-src 'self'; style-src 'self'; script-src 'self'; "
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' blob:; style-src 'self'; script-src 'self'; "
                                   b"connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
 ]
 
@@ -82,6 +90,59 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+class BearerAuth:
+    """Pure ASGI middleware: requests under ``protected`` prefixes need ``Authorization: Bearer <token>``
+    (compared in constant time); others (the page, its script and style) pass."""
+
+    def __init__(self, app: Any, token: str, protected: tuple[str, ...] = ("/api/", "/images/", "/healthz")):
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+        self.protected = protected
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.protected):
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        body = b'{"error": "missing or wrong token: send the header Authorization: Bearer <token>"}'
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                (b"content-length", str(len(body)).encode()), *SECURITY_HEADERS]})
+        await send({"type": "http.response.body", "body": body})
+
+
+LETTER = re.compile(r"[a-z]", re.IGNORECASE)
+
+
+def clean_query(q: str, limits: Limits) -> tuple[str, str | None]:
+    """``(text, problem)``: whitespace collapsed first, then the length limit, so padding a query with
+    spaces never makes it too long."""
+    text = " ".join(q.split())
+    if not text:
+        return text, "the query is empty"
+    if len(text) > limits.max_query_chars:
+        return text, f"at most {limits.max_query_chars} characters (this one has {len(text)})"
+    return text, None
+
+
+def query_notice(text: str, tokenizer: Any | None = None) -> str | None:
+    """Why the results of ``text`` mean nothing, or None.
+
+    The models read English descriptions: a query with no word piece the tokenizer knows that holds
+    a letter (emoji, another script, bytes that were not UTF-8) still gets a ranking, an arbitrary
+    one. Without a tokenizer with ``known_tokens`` the query's own words are looked at.
+    """
+    known = getattr(tokenizer, "known_tokens", None)
+    pieces = known(text) if known is not None else text.split()
+    if any(LETTER.search(piece) for piece in pieces):
+        return None
+    notice = "the model knows no word of this query (it reads English descriptions), so these results are arbitrary"
+    if "\ufffd" in text:
+        notice += "; the query held bytes that are not UTF-8 (shown as \ufffd)"
+    return notice
 
 
 def hit_to_json(hit: Any) -> dict[str, Any]:
@@ -106,10 +167,15 @@ def create_app(
     title: str = "tpas — text-based person anomaly search",
     info: dict[str, Any] | None = None,
     max_batch: int = 16,
+    token: str | None = None,
+    default_rerank: int = 0,
 ):
     """Build the FastAPI app. ``examples`` are clickable queries on the page; ``info`` is shown by
     ``/healthz`` (e.g. model and index paths, gallery size); ``max_batch`` caps how many waiting
-    queries share one model call (1 = no batching; see :mod:`tpas.serve.batching`)."""
+    queries share one model call (1 = no batching; see :mod:`tpas.serve.batching`); ``token`` makes
+    every API and image request carry it as a bearer token; ``default_rerank`` is the re-rank depth
+    the page starts with (0 = ITC only; :func:`tpas.serve.run.validated_rerank` reads it from the
+    model)."""
     from fastapi import FastAPI, Query, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
@@ -120,11 +186,15 @@ def create_app(
     if limits.max_rerank and index is not None and not getattr(index, "has_tokens", True):
         log.warning("the index holds no image tokens: ITM re-ranking is off (rebuild the index with tokens)")
         limits = replace(limits, max_rerank=0)
+    default_rerank = max(0, min(default_rerank, limits.max_rerank))
+    tokenizer = getattr(getattr(engine, "model", None), "tokenizer", None)
     example_list = [e for e in (examples if examples is not None else DEFAULT_EXAMPLES) if e.strip()]
     example_list = [e[: limits.max_query_chars] for e in example_list]
     batcher = SearchBatcher(engine, max_batch=max_batch)  # inference in the threadpool, one call at a time
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
+    app.state.default_rerank = default_rerank
+    app.state.token = token
 
     def reason(status: int, message: str, **extra: Any) -> JSONResponse:
         return JSONResponse({"error": message, **extra}, status_code=status)
@@ -143,16 +213,19 @@ def create_app(
         return reason(exc.status_code, str(exc.detail))
 
     app.add_middleware(SecurityHeaders)
+    if token:
+        app.add_middleware(BearerAuth, token=token)
 
     @app.get("/api/search")
     async def api_search(
-        q: str = Query(..., min_length=1, max_length=limits.max_query_chars, description="text description"),
+        q: str = Query(..., min_length=1, max_length=20 * limits.max_query_chars, description="text description"),
         k: int = Query(10, ge=1, le=limits.max_k),
         rerank: int = Query(0, ge=0, le=limits.max_rerank, description="ITM re-rank the ITC top-K (0 = off)"),
     ) -> JSONResponse:
-        text = " ".join(q.split())
-        if not text:
-            return reason(422, "q: the query is empty", detail=[{"field": "q", "message": "empty query"}])
+        text, problem = clean_query(q, limits)
+        if problem:
+            return reason(422, f"q: {problem}", detail=[{"field": "q", "message": problem}])
+        notice = query_notice(text, tokenizer)
         received = time.perf_counter()
         try:
             hits, model_ms, batch_size = await batcher.search(text, k, rerank)
@@ -169,13 +242,16 @@ def create_app(
             "latency_ms": round(latency_ms, 2),
             "search_ms": round(model_ms, 2),
             "batch": batch_size,
+            "understood": notice is None,
+            "notice": notice,
             "results": [hit_to_json(h) for h in hits],
         })
 
     @app.get("/api/examples")
     async def api_examples() -> dict[str, Any]:
         return {"examples": example_list, "limits": {"max_query_chars": limits.max_query_chars,
-                                                     "max_k": limits.max_k, "max_rerank": limits.max_rerank}}
+                                                     "max_k": limits.max_k, "max_rerank": limits.max_rerank},
+                "defaults": {"rerank": default_rerank}}
 
     @app.get("/images/{image_id:path}")  # ids may hold "/"; still only a lookup key
     async def image(image_id: str) -> Response:

@@ -125,7 +125,10 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
+        from tpas.models.registry import check_starting_weights
+
         self.config = cfg = config
+        check_starting_weights(cfg.model.name, cfg.model.checkpoint, cfg.model.from_scratch)  # before any work
         tcfg = cfg.train
         if tcfg.threads > 0:
             torch.set_num_threads(tcfg.threads)
@@ -161,7 +164,8 @@ class Trainer:
         from tpas.models import create_model
 
         mcfg = self.config.model
-        model = create_model(mcfg.name, checkpoint=mcfg.checkpoint, device=self.accelerator.device, **mcfg.options)
+        model = create_model(mcfg.name, checkpoint=mcfg.checkpoint, device=self.accelerator.device,
+                             seed=self.config.train.seed, **mcfg.options)  # new heads differ per train.seed
         if mcfg.train_text_layers is not None or mcfg.train_image_blocks is not None:
             if not hasattr(model, "set_trainable"):
                 raise TpasError(f"model {mcfg.name!r} has no set_trainable: remove model.train_* options")
@@ -186,7 +190,7 @@ class Trainer:
                 raise TpasError("data.root is not set (the dataset directory)")
             from tpas.data.datasets import load_train
 
-            trainset = load_train(dcfg.root, dcfg.format)
+            trainset = load_train(dcfg.root, dcfg.format, on_bad_image=dcfg.on_bad_image, check_images=True)
         trainset = subsample(trainset, dcfg.max_pairs, cfg.train.seed)
         train_pairs, val_pairs = split_by_identity(trainset.pairs, dcfg.val_identities, cfg.train.seed)
         self.root = Path(trainset.root)
@@ -200,7 +204,8 @@ class Trainer:
         groups = identity_groups(train_pairs) if dcfg.group_batches else None
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.train.batch_size, self.world, self.rank,
                                            cfg.train.seed, groups=groups)
-        self.loader = build_train_loader(self.dataset, self.sampler, Collator.for_model(model), dcfg.workers)
+        self.loader = build_train_loader(self.dataset, self.sampler, Collator.for_model(model), dcfg.workers,
+                                         on_bad_image=dcfg.on_bad_image)
         accum = max(1, cfg.train.grad_accum)
         self.steps_per_epoch = len(self.sampler) // accum
         if self.steps_per_epoch == 0:
@@ -507,4 +512,7 @@ def train(config: TrainConfig, resume: bool = False, trainset=None) -> Path:
 
     ``trainset`` replaces reading ``config.data.root`` (tests, the demo).
     """
-    return Trainer(config, resume=resume, trainset=trainset).fit()
+    from tpas.data.images import bad_image_policy
+
+    with bad_image_policy(config.data.on_bad_image):  # validation's encoding follows the training policy
+        return Trainer(config, resume=resume, trainset=trainset).fit()

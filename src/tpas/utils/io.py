@@ -1,16 +1,33 @@
-"""Atomic file writes: a crash never leaves a half-written file where a good one was."""
+"""Atomic file writes: a crash never leaves a half-written file where a good one was.
+
+The temporary file is created with mode 0666 filtered by the user's umask, like any file a shell
+redirection or ``open(path, "w")`` makes (``tempfile.mkstemp`` would force 0600 on everything
+tpas writes, so a shared run folder could not be read by the rest of the team).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_open", "atomic_path", "atomic_save", "write_json", "write_text"]
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new, empty file next to ``path`` with a unique name; its mode is 0666 minus the umask."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file next to {path}")
 
 
 @contextmanager
@@ -21,9 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temporary(path)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
