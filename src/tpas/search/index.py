@@ -57,7 +57,7 @@ from tpas.utils.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 __all__ = ["EXACT_MAX", "FAISS_KINDS", "GalleryIndex", "TokenStore", "build_index", "gallery_from_folder",
-           "index_evalset", "measure_recall", "model_fingerprint", "open_index", "resolve_kind", "caption_queries"]
+           "faiss_knn", "index_evalset", "measure_recall", "model_fingerprint", "open_index", "resolve_kind", "caption_queries"]
 
 INDEX_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -312,6 +312,14 @@ def caption_queries(model, count: int = 500, seed: int = 0) -> np.ndarray:
     return encode_texts(model, texts, progress=False).embeds
 
 
+def faiss_knn(queries: np.ndarray, embeds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by inner product without building an index (scores [Q,k], rows [Q,k])."""
+    import faiss
+
+    return faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), np.ascontiguousarray(embeds, dtype=np.float32),
+                     k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
 def measure_recall(index, kind: str, embeds: np.ndarray, queries: np.ndarray, depths: Sequence[int | None],
                    target: float, k: int = RECALL_K) -> dict:
     """Recall@k of ``index`` against exact search, depth by depth until ``target`` is reached.
@@ -319,12 +327,9 @@ def measure_recall(index, kind: str, embeds: np.ndarray, queries: np.ndarray, de
     Returns ``{"depth", "recall_at_10", "curve": {depth: recall}}`` with the first depth that
     reaches ``target`` (the deepest tried when none does).
     """
-    import faiss
-
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = min(k, len(embeds))
-    _, exact = faiss.knn(queries, np.ascontiguousarray(embeds, dtype=np.float32), k,
-                         metric=faiss.METRIC_INNER_PRODUCT)
+    _, exact = faiss_knn(queries, embeds, k)
     curve: dict[str, float] = {}
     chosen, recall = None, 0.0
     for depth in depths:

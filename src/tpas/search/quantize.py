@@ -25,6 +25,7 @@ __all__ = ["GROUP", "TOKEN_CODECS", "decode_tokens", "encode_tokens", "token_byt
 
 TOKEN_CODECS = ("fp16", "int8", "int4")
 GROUP = 64  # int4 channels per (scale, offset) pair
+TINY = np.float32(2.0**-14)  # smallest normal float16: a scale that survives being stored in fp16
 
 
 def _padded(d: int) -> int:
@@ -44,29 +45,35 @@ def token_bytes(token_shape, codec: str) -> int:
 
 
 def encode_tokens(tokens: np.ndarray, codec: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """[n,T,D] float tokens -> (codes, scales) as stored; ``scales`` is None for fp16."""
-    x = np.asarray(tokens, dtype=np.float32)
+    """[n,T,D] float tokens -> (codes, scales) as stored; ``scales`` is None for fp16.
+
+    Runs in torch (in place, multi-threaded): the index writer encodes every gallery image once,
+    and numpy's small-axis reductions made this the slowest step of a large build.
+    """
+    import torch
+
+    if codec not in TOKEN_CODECS:
+        raise ValueError(f"unknown token codec {codec!r}; choose from {TOKEN_CODECS}")
     if codec == "fp16":
-        return x.astype(np.float16), None
+        return np.asarray(tokens).astype(np.float16, copy=False), None
+    x = torch.from_numpy(np.asarray(tokens)).float()  # a copy unless the input was float32 already
+    if x.data_ptr() == np.asarray(tokens).__array_interface__["data"][0]:
+        x = x.clone()  # never write into the caller's array
     n, t, d = x.shape
     if codec == "int8":
-        scale = np.abs(x).max(axis=2, keepdims=True) / 127.0  # [n,T,1]
-        scale = np.maximum(scale, np.float32(1e-8)).astype(np.float16).astype(np.float32)
-        codes = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
-        return codes, scale[..., 0].astype(np.float16)  # [n,T,D], [n,T]
-    if codec == "int4":
-        dp = _padded(d)
-        if dp != d:  # pad with each token's last channel: the group range stays the data's
-            x = np.concatenate([x, np.repeat(x[..., -1:], dp - d, axis=2)], axis=2)
-        groups = x.reshape(n, t, dp // GROUP, GROUP)
-        lo = groups.min(axis=3, keepdims=True).astype(np.float16).astype(np.float32)  # [n,T,g,1]
-        scale = (groups.max(axis=3, keepdims=True) - lo) / 15.0
-        scale = np.maximum(scale, np.float32(1e-8)).astype(np.float16).astype(np.float32)
-        q = np.clip(np.rint((groups - lo) / scale), 0, 15).astype(np.uint8).reshape(n, t, dp)
-        codes = q[..., 0::2] | (q[..., 1::2] << 4)  # [n,T,dp/2]
-        params = np.concatenate([scale, lo], axis=3).astype(np.float16)  # [n,T,g,2]
-        return codes, params
-    raise ValueError(f"unknown token codec {codec!r}; choose from {TOKEN_CODECS}")
+        scale = (x.abs().amax(2, keepdim=True) / 127.0).clamp_min(TINY).half().float()  # [n,T,1]
+        codes = x.div_(scale).round_().clamp_(-127, 127).to(torch.int8)  # [n,T,D]
+        return codes.numpy(), scale[..., 0].half().numpy()  # [n,T]
+    dp = _padded(d)
+    if dp != d:  # pad with each token's last channel: the group range stays the data's
+        x = torch.cat([x, x[..., -1:].expand(n, t, dp - d)], dim=2)
+    groups = x.view(n, t, dp // GROUP, GROUP)
+    lo, hi = torch.aminmax(groups, dim=3, keepdim=True)  # [n,T,g,1]
+    lo = lo.half().float()
+    scale = ((hi - lo) / 15.0).clamp_min(TINY).half().float()
+    q = groups.sub_(lo).div_(scale).round_().clamp_(0, 15).to(torch.uint8).view(n, t, dp)
+    codes = q[..., 0::2] | (q[..., 1::2] << 4)  # [n,T,dp/2]
+    return codes.numpy(), torch.cat([scale, lo], dim=3).half().numpy()  # [n,T,g,2]
 
 
 def decode_tokens(codes: np.ndarray, scales: np.ndarray | None, codec: str, width: int) -> np.ndarray:

@@ -89,7 +89,7 @@ class _Itm(torch.nn.Module):
 def _export(model, part: str, path: Path) -> None:
     """Trace ``part`` of ``model`` at a small example size into ``path`` (atomically)."""
     h, w = model.image_size
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: the tracer may not receive inference tensors
         probe = model.encode_image(torch.zeros(2, 3, h, w))
         ids, mask = model.tokenize(["a person walks", "a man in a red coat falls down"])
         text = model.encode_text(ids, mask)
@@ -109,7 +109,7 @@ def _export(model, part: str, path: Path) -> None:
                 "text_mask": {0: "pairs", 1: "length"}, "logits": {0: "pairs"}}
     import warnings
 
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with atomic_path(path) as tmp, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the tracer's notes about Python control flow
         torch.onnx.export(module.eval(), args, str(tmp), input_names=names, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)

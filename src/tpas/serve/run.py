@@ -96,20 +96,22 @@ def read_examples(path: str | Path | None) -> list[str] | None:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def load_engine(index: str | Path, model: str | Path, device: str | None = None):
-    """A :class:`~tpas.search.engine.SearchEngine` over ``index`` with the model from ``model``."""
+def load_engine(index: str | Path, model: str | Path, device: str | None = None, runtime: str = "torch"):
+    """A :class:`~tpas.search.engine.SearchEngine` over ``index`` with the model from ``model``, run by
+    ``runtime`` (:mod:`tpas.search.runtime`: "auto" = ONNX Runtime on a CPU)."""
     from tpas.models import create_model
     from tpas.search.engine import SearchEngine
+    from tpas.search.runtime import with_runtime
 
-    return SearchEngine(index, create_model(model, device=device))
+    return SearchEngine(index, with_runtime(create_model(model, device=device), runtime))
 
 
 def build_app_for(index: str | Path, model: str | Path, examples: Sequence[str] | None = None,
-                  device: str | None = None, **kwargs: Any):
+                  device: str | None = None, runtime: str = "torch", **kwargs: Any):
     """Engine + app in one call (``tpas serve`` and the demo)."""
     from tpas.serve.app import create_app
 
-    engine = load_engine(index, model, device=device)
+    engine = load_engine(index, model, device=device, runtime=runtime)
     info = {"index": str(index), "model": str(model)}
     size = getattr(engine, "__len__", None)
     if size is not None:
