@@ -36,8 +36,24 @@ def cosine(a: np.ndarray, b: np.ndarray) -> dict:
     return {"min": round(float(c.min()), 6), "mean": round(float(c.mean()), 6)}
 
 
-def same_top10(a, b) -> float:
-    return round(float(np.mean([(x == y).all() for x, y in zip(a.rows, b.rows)])), 4)
+def same_top10(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of queries whose ten rows are the same in the same order."""
+    return round(float(np.mean((a == b).all(axis=1))), 4)
+
+
+def top10_rows(ranking, head: int, weight: float) -> np.ndarray:
+    """[Q,10] rows of ``ranking`` with its re-ranked head re-fused at ``weight``.
+
+    The head's raw ITM and ITC scores are in the ranking; putting them back in ITC order and
+    fusing again is what ``rank(..., weight=weight)`` does, without scoring ITM a second time.
+    """
+    from tpas.search.ranking import fuse
+
+    rows, itc, itm = ranking.rows[:, :head], ranking.itc[:, :head], ranking.itm[:, :head]
+    by_itc = np.argsort(-itc, axis=1, kind="stable")
+    rows, itc, itm = (np.take_along_axis(a, by_itc, axis=1) for a in (rows, itc, itm))
+    order = np.argsort(-fuse(itm, itc, weight), axis=1, kind="stable")
+    return np.concatenate([np.take_along_axis(rows, order, axis=1), ranking.rows[:, head:]], axis=1)[:, :10]
 
 
 def main(argv=None) -> int:
@@ -70,10 +86,11 @@ def main(argv=None) -> int:
     weights = {"model": resolve_weight(model, None), "upstream": 0.002}
 
     def rankings(m, gallery: EncodedImages) -> dict:
-        out = {"itc": rank(m, texts, gallery, depth=10)}
-        for name, w in weights.items():
-            out[name] = rank(m, texts, gallery, depth=10, rerank=args.rerank, weight=w)
-        return out
+        """ITC order, and the re-ranked order at each fusion weight (ITM scored once, fused per weight)."""
+        reranked = rank(m, texts, gallery, depth=10, rerank=args.rerank, weight=weights["model"])
+        out = {name: top10_rows(reranked, reranked.head, w) for name, w in weights.items()}
+        assert (out["model"] == reranked.rows[:, :10]).all()  # re-fusing reproduces rank()'s order
+        return {"itc": rank(m, texts, gallery, depth=10).rows[:, :10], **out}
 
     def compare(ref: dict, got: dict) -> dict:
         return {"itc": same_top10(ref["itc"], got["itc"]),

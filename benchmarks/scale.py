@@ -17,7 +17,7 @@ the real targets among the distractors. The built index is cached in ``--work`` 
 codec, kind and model) and reused.
 
     python benchmarks/scale.py --model RUN/best --data /work/data/minipab-1000-s0            # 1M, int4, auto
-    python benchmarks/scale.py --model RUN/best --data MINIPAB --size 20000 --out benchmarks/results/scale_20k
+    python benchmarks/scale.py --model RUN/best --data MINIPAB --size 20000 --out /tmp/scale_20k   # a quick look
 
 Saves benchmarks/results/scale.{json,md} (or ``--out``).
 """

@@ -202,6 +202,9 @@ class OnnxModel:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            # idle worker threads sleep instead of spinning: they share the cores with the server's
+            # event loop, the image decoders and (on a shared machine) everybody else
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._sessions[part] = ort.InferenceSession(str(self.graph_path(part)), options,
                                                         providers=["CPUExecutionProvider"])
         return self._sessions[part]

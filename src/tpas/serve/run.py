@@ -101,9 +101,12 @@ def load_engine(index: str | Path, model: str | Path, device: str | None = None,
     ``runtime`` (:mod:`tpas.search.runtime`: "auto" = ONNX Runtime on a CPU)."""
     from tpas.models import create_model
     from tpas.search.engine import SearchEngine
-    from tpas.search.runtime import with_runtime
+    from tpas.search.runtime import OnnxModel, with_runtime
 
-    return SearchEngine(index, with_runtime(create_model(model, device=device), runtime))
+    engine = SearchEngine(index, with_runtime(create_model(model, device=device), runtime))
+    if isinstance(engine.model, OnnxModel):  # export/open the graphs now, not in the first request
+        engine.model.warm_up(("text", "itm") if engine.index.has_tokens else ("text",))
+    return engine
 
 
 def build_app_for(index: str | Path, model: str | Path, examples: Sequence[str] | None = None,
