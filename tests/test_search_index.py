@@ -132,7 +132,8 @@ def test_two_processes_under_a_process_group(model, gallery, tmp_path):
         "from tpas.models import create_model\n"
         "from tpas.search.index import build_index, gallery_from_folder\n"
         "root, model_dir, out = sys.argv[1:4]\n"
-        "build_index(create_model(model_dir), gallery_from_folder(root), root, out, chunk_size=2, progress=False)\n"
+        "build_index(create_model(model_dir), gallery_from_folder(root), root, out, chunk_size=2, token_codec='int4',\n"
+        "            progress=False)\n"
     )
     procs = []
     for rank in range(2):
@@ -145,9 +146,14 @@ def test_two_processes_under_a_process_group(model, gallery, tmp_path):
         assert p.returncode == 0, out
     index = open_index(tmp_path / "idx", model)
     assert [s["path"].split("/")[1] for s in index.meta["token_shards"]] == ["00000-of-00002", "00001-of-00002"]
-    single = open_index(build_index(model, gallery_from_folder(root), root, tmp_path / "one", progress=False))
+    single = open_index(build_index(model, gallery_from_folder(root), root, tmp_path / "one", token_codec="int4",
+                                    progress=False))
     assert index.ids == single.ids
     np.testing.assert_allclose(index.embeds, single.embeds, atol=1e-5)
+    assert index.meta["search"] == single.meta["search"] and index.meta["token_bytes"] == single.meta["token_bytes"]
+    rows = np.arange(len(index))  # the int4 codes of both builds decode alike (a code may flip at a rounding edge)
+    np.testing.assert_allclose(index.tokens[rows], single.tokens[rows], atol=0.05)
+    assert (index.search(index.embeds, 3)[1] == single.search(single.embeds, 3)[1]).all()
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
