@@ -171,8 +171,6 @@ def pct(values: list[float]) -> dict:
 
 def time_queries(engine, texts: list[str], rerank: int) -> tuple[dict, np.ndarray]:
     """Each text through engine.search alone (what one server request runs); encode and search timed apart."""
-    import faiss
-
     from tpas.search.encode import encode_texts
 
     for text in texts[:10]:  # warm-up: sessions, page cache of the FAISS lists
@@ -193,7 +191,6 @@ def time_queries(engine, texts: list[str], rerank: int) -> tuple[dict, np.ndarra
     out = {"total": pct(total)}
     if enc_ms:
         out.update(encode=pct(enc_ms), search=pct(ann_ms))
-    del faiss
     return out, np.asarray(rows)
 
 
