@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_bad_image_argument", "add_device_argument"]
+__all__ = ["add_bad_image_argument", "add_device_argument", "add_runtime_argument"]
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -24,3 +24,10 @@ def add_bad_image_argument(parser: argparse.ArgumentParser, default: str | None 
                         help="an image that is missing or does not decode: error = stop before the work starts, "
                              "listing every such image (default" + ("" if default else ": data.on_bad_image, error")
                              + "); skip = leave it out and report at the end what was skipped")
+
+
+def add_runtime_argument(parser: argparse.ArgumentParser) -> None:
+    """``--runtime`` for commands that encode or re-rank (see :mod:`tpas.search.runtime`)."""
+    parser.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx", "onnx-int8"),
+                        help="auto (default) = ONNX Runtime on a CPU (same numbers, several times faster), "
+                             "torch on a GPU; onnx-int8 = int8 weights (faster with AVX-512 VNNI, lossy)")

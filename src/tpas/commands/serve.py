@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tpas.commands import add_device_argument
+from tpas.commands import add_device_argument, add_runtime_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
     p.add_argument("--examples", help="text file with example queries for the page, one per line")
     add_device_argument(p)
+    add_runtime_argument(p)
     p.add_argument("--max-k", type=int, default=100, help="largest k a request may ask for")
     p.add_argument("--max-rerank", type=int, default=100, help="largest ITM re-rank depth a request may ask for")
     p.add_argument("--max-batch", type=int, default=16,
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     token = read_token(args.token_file)
     check_bind(args.host, args.allow_remote, token)  # before minutes of loading, not after
     app = build_app_for(args.index, args.model, examples=read_examples(args.examples), device=args.device,
-                        limits=Limits(max_k=args.max_k, max_rerank=args.max_rerank), max_batch=args.max_batch,
-                        token=token)
+                        runtime=args.runtime, limits=Limits(max_k=args.max_k, max_rerank=args.max_rerank),
+                        max_batch=args.max_batch, token=token)
     serve_forever(app, host=args.host, port=args.port, allow_remote=args.allow_remote)
     return 0

@@ -192,21 +192,26 @@ def warm_up(app: Any, text: str, rerank: int = 0) -> float:
     return ms
 
 
-def load_engine(index: str | Path, model: str | Path, device: str | None = None):
-    """A :class:`~tpas.search.engine.SearchEngine` over ``index`` with the model from ``model``."""
+def load_engine(index: str | Path, model: str | Path, device: str | None = None, runtime: str = "torch"):
+    """A :class:`~tpas.search.engine.SearchEngine` over ``index`` with the model from ``model``, run by
+    ``runtime`` (:mod:`tpas.search.runtime`: "auto" = ONNX Runtime on a CPU)."""
     from tpas.models import create_model
     from tpas.search.engine import SearchEngine
+    from tpas.search.runtime import OnnxModel, with_runtime
 
-    return SearchEngine(index, create_model(model, device=device))
+    engine = SearchEngine(index, with_runtime(create_model(model, device=device), runtime))
+    if isinstance(engine.model, OnnxModel):  # export/open the graphs now, not in the first request
+        engine.model.warm_up(("text", "itm") if engine.index.has_tokens else ("text",))
+    return engine
 
 
 def build_app_for(index: str | Path, model: str | Path, examples: Sequence[str] | None = None,
-                  device: str | None = None, token: str | None = None, **kwargs: Any):
+                  device: str | None = None, runtime: str = "torch", token: str | None = None, **kwargs: Any):
     """Engine + app in one call (``tpas serve`` and the demo), warmed up with one query; the page's
     re-rank default follows the model's validation (:func:`validated_rerank`)."""
     from tpas.serve.app import DEFAULT_EXAMPLES, create_app
 
-    engine = load_engine(index, model, device=device)
+    engine = load_engine(index, model, device=device, runtime=runtime)
     info = {"index": str(index), "model": str(model)}
     size = getattr(engine, "__len__", None)
     if size is not None:
