@@ -31,8 +31,9 @@ def reranked(rows, itc, itm, weight=0.002, gallery=None):
     full = np.full((len(rows), g), -1.0, np.float32)
     np.put_along_axis(full, rows, itc.astype(np.float32), axis=1)
     return Ranking(rows=take(rows).astype(np.int64), itc=take(itc).astype(np.float32),
-                   itm=take(itm).astype(np.float32), score=take(fused), text_embeds=np.eye(len(rows), 4, dtype=np.float32),
-                   rerank=rows.shape[1], weight=weight, itc_scores=full)
+                   itm=take(itm).astype(np.float32), score=take(fused),
+                   text_embeds=np.eye(len(rows), 4, dtype=np.float32), rerank=rows.shape[1], weight=weight,
+                   itc_scores=full)
 
 
 # two look-alike queries both put image 0 first; query 1 holds it more weakly
@@ -223,3 +224,37 @@ def test_calibration_picks_on_validation_and_prefers_conservative_ties():
     # nothing to gain anywhere: the most conservative value wins
     value, _ = calibrate_post(r, ["a", "a", "c", "c"], gallery_targets, "assign", "slack", (0.01, 0.1, 1.0), "min")
     assert value == 0.01
+
+
+def slack_objective(scores, cand, chosen_pos, slack):
+    """Total utility of an assignment read off its result: per image, a query that moved there holds it
+    alone; of the queries still on their top-1 at most one holds it alone, the rest pay the slack."""
+    total = 0.0
+    images = cand[np.arange(len(cand)), chosen_pos]
+    for img in np.unique(images):
+        on = np.flatnonzero(images == img)
+        moved = on[chosen_pos[on] > 0]
+        assert len(moved) <= 1  # an image taken by a move is nobody else's, except queries keeping their top-1
+        kept = on[chosen_pos[on] == 0]
+        total += scores[on, img].sum() - slack * (len(kept) - (0 if len(moved) else min(1, len(kept))))
+    return total
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_assign_with_slack_reaches_the_brute_force_optimum(seed):
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    scores = (rng.random((6, 5)) + np.array([0.8, 0.6, 0.0, 0.0, 0.0])).astype(np.float32)  # crowded images
+    slack = float(rng.choice([0.05, 0.2, 0.5]))
+    cand = np.argsort(-scores, axis=1, kind="stable")[:, :2]
+    best = -np.inf
+    for choice in itertools.product(range(3), repeat=6):  # 0, 1: a candidate for itself; 2: keep top-1 for slack
+        taken = [cand[q, c] for q, c in enumerate(choice) if c < 2]
+        if len(taken) != len(set(taken)):
+            continue
+        total = sum(scores[q, cand[q, c]] if c < 2 else scores[q, cand[q, 0]] - slack for q, c in enumerate(choice))
+        best = max(best, total)
+    out = postprocess(ranking_from_scores(scores, depth=5), "assign", k=2, slack=slack)
+    chosen_pos = np.array([list(cand[q]).index(out.rows[q, 0]) for q in range(6)])
+    assert slack_objective(scores, cand, chosen_pos, slack) == pytest.approx(best, abs=1e-5)

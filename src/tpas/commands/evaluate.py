@@ -16,10 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "post-process the query set; print and save metrics, write report.html and, for a "
                     "masked challenge set, answer.txt.")
     p.add_argument("--model", required=True, help="model directory (e.g. RUN/best) or a named model")
-    p.add_argument("--data", required=True, help="dataset root (for --split challenge: the challenge folder "
-                                                 "or a root holding challenge/)")
-    p.add_argument("--format", default="pab", choices=("pab", "cuhk", "icfg", "rstp"))
-    p.add_argument("--split", default="test", help="test | ucc | challenge | track4 (pab); test | val (tbps)")
+    add_split_arguments(p)
     p.add_argument("--rerank", type=int, default=0, help="ITM re-rank depth (e.g. 128; 0 = ITC only)")
     p.add_argument("--itm", default="logit", choices=("logit", "prob"), help="ITM score used in fusion")
     p.add_argument("--weight", type=float, default=None,
@@ -32,6 +29,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--report-queries", type=int, default=24, help="queries shown in report.html")
     add_device_argument(p)
     p.set_defaults(func=run)
+
+
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
+    """``--data``, ``--format`` and ``--split``: the evaluation split (shared with ``tpas fuse``)."""
+    p.add_argument("--data", required=True, help="dataset root (for a masked split: its folder, or a root holding "
+                                                 "challenge/ or track4/)")
+    p.add_argument("--format", default="pab", choices=("pab", "cuhk", "icfg", "rstp"))
+    p.add_argument("--split", default="test", help="test | ucc | challenge | track4 (pab); test | val (tbps)")
 
 
 def add_post_arguments(p: argparse.ArgumentParser) -> None:

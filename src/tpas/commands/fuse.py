@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tpas.commands import add_device_argument
-from tpas.commands.evaluate import add_post_arguments, parse_options, print_result
+from tpas.commands.evaluate import add_post_arguments, add_split_arguments, parse_options, print_result
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,9 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Rank the split with every --system, fuse their [queries x gallery] scores (weighted min-max "
                     "over each whole matrix, or reciprocal-rank fusion), post-process the fused ranking and write "
                     "metrics.json, report.html and, for a masked set, answer.txt (answer.zip for Track 4).")
-    p.add_argument("--data", required=True, help="dataset root (or the masked set's folder)")
-    p.add_argument("--format", default="pab", choices=("pab", "cuhk", "icfg", "rstp"))
-    p.add_argument("--split", default="test", help="test | ucc | challenge | track4 (pab); test | val (tbps)")
+    add_split_arguments(p)
     p.add_argument("--system", action="append", required=True, metavar="SPEC",
                    help="a model directory or name, or SCORES.npy,QUERY_IDS.txt,GALLERY_IDS.txt (ids as tpas reads "
                         "them: query ids, gallery image ids); '@W' at the end sets its weight (default 1). Repeatable")

@@ -430,7 +430,8 @@ def attach_challenge_key(evalset: EvalSet, key_path: str | os.PathLike) -> EvalS
     """
     key = {str(index): answer for index, answer in _read_key(key_path).items()}
     gallery_ids = {g.image_id for g in evalset.gallery}
-    label, source = ("query_index", "query.json") if evalset.name.startswith("pab-challenge") else ("query", TRACK4_INDEX)
+    www25 = evalset.name.startswith("pab-challenge")
+    label, source = ("query_index", "query.json") if www25 else ("query", TRACK4_INDEX)
     queries = []
     for q in evalset.queries:
         if q.query_id not in key:

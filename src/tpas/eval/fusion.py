@@ -131,7 +131,8 @@ def fuse_systems(systems: list[System], method: str = "rrf", *, k: float = RRF_K
                                 "re-ranked order is normalised per query; use --method rrf or --rerank 0")
     fused = fuse_scores([s.scores for s in systems], method, [s.weight for s in systems], k=k, depth=rrf_depth)
     embeds = next((s.text_embeds for s in systems if s.text_embeds is not None), None)
-    log.info("fused %d systems by %s: %s", len(systems), method, ", ".join(f"{s.name} (w {s.weight:g})" for s in systems))
+    log.info("fused %d systems by %s: %s", len(systems), method,
+             ", ".join(f"{s.name} (w {s.weight:g})" for s in systems))
     return ranking_from_scores(fused, depth=depth, text_embeds=embeds, scorer=method)
 
 

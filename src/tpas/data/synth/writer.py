@@ -297,16 +297,17 @@ def _write_track4(out: Path, seed: int, rows: list[dict], distractors: int, size
         behaviour = "normal" if "normal" in row else "anomaly"
         queries.extend((caption, name, behaviour) for caption in row["caption"])
     extra = image_names[len(rows):]
-    jobs = [_Job(seed, "distractor", i, (f"track4/gallery/{extra[2 * i]}.jpg", f"track4/gallery/{extra[2 * i + 1]}.jpg"),
-                 size, str(out)) for i in range(distractors)]
+    jobs = [_Job(seed, "distractor", i, (f"track4/gallery/{extra[2 * i]}.jpg",
+                                         f"track4/gallery/{extra[2 * i + 1]}.jpg"), size, str(out))
+            for i in range(distractors)]
     _run(jobs, workers, "mini-PAB distractors")
     query_names = _random_names(rng, len(queries), taken)
     order = rng.permutation(len(queries))
     with atomic_open(folder / "query_index.txt") as fh:
         fh.write("".join(name + "\n" for name in query_names))
     write_json(folder / "query_text.json", {query_names[q]: queries[i][0] for q, i in enumerate(order)})
-    _jsonl(folder / "answer_key.json", [{"query_id": query_names[q], "image_id": queries[i][1], "behaviour": queries[i][2]}
-                                        for q, i in enumerate(order)])
+    _jsonl(folder / "answer_key.json", [{"query_id": query_names[q], "image_id": queries[i][1],
+                                         "behaviour": queries[i][2]} for q, i in enumerate(order)])
     return len(queries)
 
 
@@ -359,7 +360,8 @@ def generate(out: str | os.PathLike, identities: int, seed: int = 0, size: tuple
         summary.preview = contact_sheet(out, out / "preview.png")
     write_json(out / MANIFEST, {
         "generator": VERSION, "seed": seed, "size": list(size),
-        "identities": {"train": n_train, "test": n_test, "ucc": n_ood, **({"distractor": distractors} if distractors else {})},
+        "identities": {"train": n_train, "test": n_test, "ucc": n_ood,
+                       **({"distractor": distractors} if distractors else {})},
         "images": images, "test_queries": n_queries, "test_captions_per_image": [1, test_captions], "files": files,
         "actions": {"normal": list(NORMAL_ACTIONS), "anomaly": list(ANOMALY_ACTIONS)},
         "scenes": list(SCENES), "ood_scenes": list(OOD_SCENES) if ood else [],
