@@ -16,9 +16,11 @@ Nothing is chosen on a test split. SCA's text threshold, the margin rule's tau a
 prices are picked on validation identities carved out of the *training* split exactly as
 training carves them (``--val-identities``, ``--val-seed`` = the run's ``data.val_identities``
 and ``train.seed``; both models must have been trained with those, so that neither saw them):
-``tpas.search.calibrate.calibrate_post`` over a grid. Tau and slack grids are multiples of the
-median top-1 - top-2 gap of the validation confidences, so they follow the score's units (ITM
-logits, ITM margins, RRF values) whatever the model.
+``tpas.search.calibrate.calibrate_post`` over a grid, together with the raw score each method
+compares (``confidence``: the head's raw ITM, raw ITC, or the ranking's fusion with one scale for
+all queries). Tau and slack grids are multiples of the median top-1 - top-2 gap of the validation
+confidences, so they follow the score's units (ITM logits, ITM margins, RRF values) whatever the
+model.
 
     .venv/bin/python benchmarks/ablation.py --model RUN/best --second-model RUN2/best --data MINIPAB
     .venv/bin/python benchmarks/ablation.py --model runs/demo/model --data runs/demo/minipab --protocols test
@@ -44,19 +46,21 @@ from tpas.eval.metrics import Metrics
 from tpas.eval.run import run_eval
 from tpas.eval.tables import markdown_table
 from tpas.models import create_model
-from tpas.search.calibrate import THRESHOLD_GRID, calibrate_post, calibrate_sca_threshold
+from tpas.search.calibrate import THRESHOLD_GRID, calibrate_post
 from tpas.search.postprocess import candidates
 from tpas.search.ranking import Ranking, rank_evalset, ranking_from_scores
 
 COLUMNS = ("R@1", "R@5", "R@10", "mAP", "mAP@10", "normal R@1", "anomaly R@1")
 GAP_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # tau and slack grids, in units of the median top-1 gap
+CONFIDENCES = ("itm", "itc", "fused")  # the raw scores a method may compare; ties keep the first
 PROTOCOL_SPLITS = {"test": "test", "track4": "track4"}
 
 
-def median_gap(ranking: Ranking) -> float:
-    """Median over queries of (top-1 - top-2) raw confidence: the unit the tau and slack grids scale by."""
-    conf = candidates(ranking).conf
-    gap = conf[:, 0] - conf[:, 1]
+def median_gap(ranking: Ranking, confidence: str = "auto") -> float:
+    """Median over queries of the gap between their two best raw confidences: the unit the tau and
+    slack grids scale by."""
+    best_two = -np.sort(-candidates(ranking, confidence).conf, axis=1)[:, :2]
+    gap = best_two[:, 0] - best_two[:, 1]
     gap = gap[np.isfinite(gap)]
     return float(np.median(gap)) if len(gap) and np.median(gap) > 0 else 1.0
 
@@ -73,6 +77,20 @@ def rank_pair(models, evalset, rerank: int, work: Path) -> list[Ranking]:
                          progress=False) for i, m in enumerate(models)]
 
 
+def pick(ranking: Ranking, targets, method: str, option: str, grid_for, conservative: str,
+         confidences=CONFIDENCES, **fixed) -> dict:
+    """The best (confidence, value) on validation: ``calibrate_post`` for each confidence over
+    ``grid_for(confidence)``; a later confidence must do strictly better to win."""
+    best: dict = {}
+    for confidence in confidences:
+        value, table = calibrate_post(ranking, *targets, method, option, grid_for(confidence), conservative,
+                                      confidence=confidence, **fixed)
+        best.setdefault("tables", {})[confidence] = table
+        if "r1" not in best or table[value] > best["r1"]:
+            best.update(confidence=confidence, value=value, r1=table[value])
+    return best
+
+
 def calibrate(models, args, work: Path) -> dict:
     """Pick every post-processing knob on the validation identities (never the test split)."""
     train = load_train(args.data, "pab")
@@ -81,43 +99,40 @@ def calibrate(models, args, work: Path) -> dict:
     targets = (valset.query_targets(), valset.gallery_targets())
     rankings = rank_pair(models, valset, args.rerank, work / "val")
     first = rankings[0]
-    threshold, threshold_table = calibrate_sca_threshold(first, *targets, grid=THRESHOLD_GRID)
-    unit = median_gap(first)
-    grid = tuple(round(unit * m, 6) for m in GAP_MULTIPLES)
-    tau, tau_table = calibrate_post(first, *targets, "sca", "tau", (0.0, *grid), "max", threshold=threshold,
-                                    rule="margin")
-    slack, slack_table = calibrate_post(first, *targets, "assign", "slack", grid, "min", k=2)
-    out = {"val_queries": len(valset.queries), "val_gallery": len(valset.gallery), "unit": unit,
-           "threshold": threshold, "tau": tau, "slack": slack,
-           "tables": {"threshold": threshold_table, "tau": tau_table, "slack": slack_table}}
+
+    def gaps(ranking):
+        return lambda conf: tuple(float(f"{median_gap(ranking, conf) * m:.3g}") for m in GAP_MULTIPLES)
+
+    knobs = {"val_queries": len(valset.queries), "val_gallery": len(valset.gallery)}
+    knobs["threshold"] = pick(first, targets, "sca", "threshold", lambda conf: THRESHOLD_GRID, "max")
+    sca_fixed = {"threshold": knobs["threshold"]["value"], "rule": "margin"}
+    knobs["tau"] = pick(first, targets, "sca", "tau", lambda conf: (0.0, *gaps(first)(conf)), "max", **sca_fixed)
+    knobs["slack"] = pick(first, targets, "assign", "slack", gaps(first), "min", k=2)
     if len(rankings) > 1:
         both = fused(*rankings)
-        fused_unit = median_gap(both)
-        fused_grid = tuple(float(f"{fused_unit * m:.3g}") for m in GAP_MULTIPLES)
-        out["fused_slack"], out["tables"]["fused_slack"] = calibrate_post(both, *targets, "assign", "slack",
-                                                                          fused_grid, "min", k=2)
-        out["fused_unit"] = fused_unit
-    return out
+        knobs["fused_slack"] = pick(both, targets, "assign", "slack", gaps(both), "min", confidences=("itc",), k=2)
+    return knobs
 
 
 def rows_for(args, knobs: dict, two: bool) -> list[tuple[str, str, str, dict]]:
     """(label, which ranking, post method, options)."""
-    r, thr = args.rerank, knobs["threshold"]
+    thr, tau, slack = knobs["threshold"], knobs["tau"], knobs["slack"]
     rows = [
         ("ITC", "itc", "none", {}),
-        (f"+ ITM re-rank top-{r}", "first", "none", {}),
-        (f"+ SCA (seed rule, text threshold {thr:g})", "first", "sca", {"threshold": thr}),
-        (f"+ SCA (margin rule, tau {knobs['tau']:.3g})", "first", "sca",
-         {"threshold": thr, "rule": "margin", "tau": knobs["tau"]}),
-        (f"+ global assignment (top-2, slack {knobs['slack']:.3g})", "first", "assign",
-         {"k": 2, "slack": knobs["slack"]}),
-        ("one-to-one (top-10, no slack)", "first", "one_to_one", {"k": 10}),
+        (f"+ ITM re-rank top-{args.rerank}", "first", "none", {}),
+        (f"+ SCA (seed rule; {thr['confidence']}, text threshold {thr['value']:g})", "first", "sca",
+         {"threshold": thr["value"], "confidence": thr["confidence"]}),
+        (f"+ SCA (margin rule; {tau['confidence']}, tau {tau['value']:.3g})", "first", "sca",
+         {"threshold": thr["value"], "rule": "margin", "tau": tau["value"], "confidence": tau["confidence"]}),
+        (f"+ global assignment (top-2; {slack['confidence']}, slack {slack['value']:.3g})", "first", "assign",
+         {"k": 2, "slack": slack["value"], "confidence": slack["confidence"]}),
+        ("one-to-one (top-10, no slack; itm)", "first", "one_to_one", {"k": 10}),
     ]
     if two:
         rows += [
             ("+ fusion of two models (RRF, k = 60)", "fused", "none", {}),
-            (f"+ fusion + global assignment (slack {knobs['fused_slack']:.3g})", "fused", "assign",
-             {"k": 2, "slack": knobs["fused_slack"]}),
+            (f"+ fusion + global assignment (slack {knobs['fused_slack']['value']:.3g})", "fused", "assign",
+             {"k": 2, "slack": knobs["fused_slack"]["value"]}),
         ]
     return rows
 
@@ -153,11 +168,14 @@ def markdown(result: dict) -> str:
 
 def calibration_markdown(knobs: dict) -> str:
     lines = [f"Picked on {knobs['val_queries']} validation queries / {knobs['val_gallery']} images "
-             f"(training identities held out by the run; R@1 in percent per value):", ""]
-    for name, table in knobs["tables"].items():
-        cells = ", ".join(f"{v:g}: {r:.1f}" for v, r in table.items())
-        chosen = knobs[name] if name in knobs else None
-        lines.append(f"- {name} = **{chosen:g}** ({cells})")
+             "(training identities held out by the run), with the raw score compared; R@1 in percent per value:", ""]
+    for name in ("threshold", "tau", "slack", "fused_slack"):
+        if name not in knobs:
+            continue
+        k = knobs[name]
+        tables = "; ".join(f"{conf}: " + ", ".join(f"{v:g}: {r:.1f}" for v, r in table.items())
+                           for conf, table in k["tables"].items())
+        lines.append(f"- {name} = **{k['value']:g}** on {k['confidence']} (val R@1 {k['r1']:.1f}; {tables})")
     return "\n".join(lines) + "\n"
 
 

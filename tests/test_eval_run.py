@@ -253,3 +253,15 @@ def test_track4_eval_writes_a_zipped_answer(model, tmp_path, capsys):
     saved = json.loads((tmp_path / "t4" / "metrics.json").read_text())
     assert saved["answer_scores"]["mAP@10"] == pytest.approx(saved["mAP@10"])
     assert main(["check-answer", str(tmp_path / "t4" / "answer.zip"), "--data", str(root)]) == 0
+
+
+def test_sca_threshold_calibrated_on_a_validation_split(model, tmp_path):
+    from tpas.search.calibrate import THRESHOLD_GRID, calibrate_sca_on_evalset, calibrate_sca_threshold
+    from tpas.search.ranking import rank_evalset
+
+    valset = make_evalset(tmp_path / "val")
+    threshold, table = calibrate_sca_on_evalset(model, valset, rerank=4)
+    assert set(table) == set(THRESHOLD_GRID) and threshold in table
+    assert table[threshold] == max(table.values())
+    ranking = rank_evalset(model, valset, rerank=4, progress=False)
+    assert calibrate_sca_threshold(ranking, valset.query_targets(), valset.gallery_targets()) == (threshold, table)

@@ -197,6 +197,11 @@ def test_itm_confidence_reads_the_head_only():
     cands = candidates(r)
     assert cands.source == "itm" and cands.conf.tolist() == [[3.0, 1.0], [2.0, 1.5]]
     np.testing.assert_allclose(candidates(r, "itc").conf, [[0.6, 0.5], [0.5, 0.45]], rtol=1e-6)
+    # "fused": the ranking's own fusion with one scale for all queries (mean head ranges 1.25 and 0.075)
+    np.testing.assert_allclose(candidates(r, "fused").conf, [[3.0 / 1.25 + 0.002 * 0.6 / 0.075,
+                                                              1.0 / 1.25 + 0.002 * 0.5 / 0.075],
+                                                             [2.0 / 1.25 + 0.002 * 0.5 / 0.075,
+                                                              1.5 / 1.25 + 0.002 * 0.45 / 0.075]], rtol=1e-5)
     with pytest.raises(ValueError, match="re-ranked"):
         candidates(ranking_from_scores(LOOKALIKE), "itm")
 

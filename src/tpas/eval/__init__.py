@@ -1,4 +1,4 @@
-"""Evaluation: retrieval metrics, metric tables, the evaluation pipeline (one system or a fusion) and its HTML report."""
+"""Evaluation: retrieval metrics, metric tables, the evaluation pipeline (one system or a fusion), its HTML report."""
 
 from tpas.eval.fusion import run_fusion
 from tpas.eval.metrics import Metrics, evaluate, evaluate_rankings, positive_ranks

@@ -139,8 +139,11 @@ def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None =
     # 2. post-process (on the ranking's raw scores; a new ranking, the given one stays intact)
     t0 = time.perf_counter()
     sample = sample_queries(evalset, report_queries)
-    shown = ranking.score_matrix()[sample]  # the report shows similarity scores, not post-processing's order
-    scores = postprocess(ranking, post, **post_options).score_matrix()
+    scores = ranking.score_matrix()
+    shown = scores[sample]  # the report shows similarity scores, not post-processing's order
+    if post != "none":
+        del scores  # one [Q,G] matrix at a time
+        scores = postprocess(ranking, post, **post_options).score_matrix()
     timings["post_s"] = time.perf_counter() - t0
 
     # 3. score

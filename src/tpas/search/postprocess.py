@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 POST_METHODS = ("none", "sca", "assign", "one_to_one", "dual_softmax")
-CONFIDENCES = ("auto", "itm", "itc")
+CONFIDENCES = ("auto", "itm", "itc", "fused")
 SCA_RULES = ("score", "margin")
 # SCA's text-similarity gate when neither the caller nor the model (config.sca_threshold, picked on
 # validation by tpas.search.calibrate.calibrate_sca_threshold) gives one
@@ -82,21 +82,37 @@ def candidates(ranking: Ranking, confidence: str = "auto") -> Candidates:
 
     ``confidence``: ``"itm"`` = the re-ranked head with its raw ITM scores; ``"itc"`` = every
     listed row with its first-stage score (raw ITC cosine, or a fusion's global value);
+    ``"fused"`` = the re-ranked head scored like the ranking's own fusion but with one scale for
+    every query: ``ITM / r_itm + weight * ITC / r_itc``, ``r`` the mean over queries of the head's
+    range (max - min) of that score, where the ranking divides each query by its own range;
     ``"auto"`` = ``"itm"`` when the ranking was re-ranked, else ``"itc"``.
     """
     if confidence not in CONFIDENCES:
         raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
     if confidence == "auto":
         confidence = "itm" if ranking.head > 0 else "itc"
-    if confidence == "itm":
+    if confidence in ("itm", "fused"):
         if ranking.head == 0:
-            raise ValueError("confidence='itm' needs a re-ranked ranking (rerank > 0)")
+            raise ValueError(f"confidence={confidence!r} needs a re-ranked ranking (rerank > 0)")
         rows, conf = ranking.rows[:, :ranking.head], ranking.itm[:, :ranking.head]
-        source = "itm"
+        if confidence == "fused":
+            itc = ranking.itc[:, :ranking.head].astype(np.float64)
+            conf = conf / _mean_range(conf) + (ranking.weight or 0.0) * itc / _mean_range(itc)
+        source = confidence
     else:
         rows, conf, source = ranking.rows, ranking.itc, ranking.scorer
     conf = np.where(rows >= 0, np.nan_to_num(conf.astype(np.float64), nan=-np.inf), -np.inf)
     return Candidates(rows=rows.copy(), conf=conf, source=source)
+
+
+def _mean_range(scores: np.ndarray) -> float:
+    """Mean over rows of (max - min) of the finite values: one scale for every query (1 if none)."""
+    finite = np.isfinite(scores)
+    hi = np.where(finite, scores, -np.inf).max(axis=1)
+    lo = np.where(finite, scores, np.inf).min(axis=1)
+    spans = (hi - lo)[finite.sum(axis=1) > 1]
+    span = float(spans.mean()) if len(spans) else 0.0
+    return span if span > 0 else 1.0
 
 
 # -- SCA ------------------------------------------------------------------------------------------
@@ -170,7 +186,7 @@ def sca(cands: Candidates, text_embeds: np.ndarray | None, threshold: float, rul
                              f"(pass threshold={NO_GATE} to compare every pair)")
         emb = _unit(text_embeds)
     queries = np.arange(q)
-    moved_total = passes = 0
+    passes = 0
     for passes in range(1, max_passes + 1):
         held = np.where(count > 0, rows[queries, np.minimum(ptr, rows.shape[1] - 1)], -1)
         key = conf[queries, np.minimum(ptr, rows.shape[1] - 1)]
@@ -188,7 +204,6 @@ def sca(cands: Candidates, text_embeds: np.ndarray | None, threshold: float, rul
         if not len(movers):
             break
         ptr[movers] += 1
-        moved_total += len(movers)
     else:
         log.warning("sca: shared images may remain after %d passes", max_passes)
     log.info("sca (%s, threshold %g, tau %g): %d of %d queries changed their top-1 in %d passes",
@@ -197,7 +212,8 @@ def sca(cands: Candidates, text_embeds: np.ndarray | None, threshold: float, rul
 
 
 # -- global assignment ------------------------------------------------------------------------------
-def _max_gain_matching(left: np.ndarray, right: np.ndarray, gain: np.ndarray, n_left: int, n_right: int) -> np.ndarray:
+def _max_gain_matching(left: np.ndarray, right: np.ndarray, gain: np.ndarray, n_left: int,
+                       n_right: int) -> np.ndarray:
     """The matching of largest total gain (edges ``left[i] - right[i]`` with ``gain[i]``; a node is
     used at most once; edges without a positive gain never help) -> for each left node the index of
     its matched edge, or -1.

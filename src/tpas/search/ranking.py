@@ -31,8 +31,8 @@ from tpas.search.rerank import itm_scores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_WEIGHT", "Ranking", "fuse", "minmax", "rank", "rank_evalset", "ranking_from_scores", "resolve_weight",
-           "top_k"]
+__all__ = ["DEFAULT_WEIGHT", "Ranking", "fuse", "minmax", "rank", "rank_evalset", "ranking_from_scores",
+           "resolve_weight", "top_k"]
 
 DEFAULT_WEIGHT = 0.002  # upstream X-VLM's ITC weight in the fusion
 TOP_K_CELLS = 1 << 23  # score cells per chunk in top_k (~8M: some 100 MB of temporaries)
