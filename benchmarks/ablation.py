@@ -1,17 +1,31 @@
-"""Ablation of the retrieval pipeline on mini-PAB: ITC, + ITM re-rank, + SCA / one-to-one / dual-softmax.
+"""Ablation of the retrieval pipeline on mini-PAB, one query per image (1:1) and with distractors.
 
-For each split (default: test; mini-PAB's challenge set holds the same people, shuffled) the gallery
-is indexed once, ITC and re-ranked scores are computed once, and every post-processing runs on
-the re-ranked scores. Rows: R@1/5/10, mAP, mINP overall and per behaviour (normal / anomaly).
+Rows, each on the same rankings: ITC; + ITM re-rank of the top-k (the model's fusion weight);
++ SCA (the seed rule: the lower raw ITM confidence moves, look-alike descriptions only); + SCA's
+margin rule (the query that loses least by moving moves); + global assignment (per collision
+component, each query's top-2 plus a slack that keeps its top-1); one-to-one (no slack, top-10,
+for reference); + fusion of two trained models (reciprocal-rank fusion of their re-ranked
+orders); + fusion + global assignment.
 
-SCA and its relatives assume that one gallery image answers at most one query; the script
-reports how many queries share a target in each split, since mini-PAB's splits have several
-captions per image (the assumption then fails and these methods may hurt).
+Protocols: ``test`` = the mini-PAB test split (every caption has its own image); ``track4`` = the
+AICity'26 Track 4-style masked copy written by ``tpas synth --distractors N`` (the same queries
+against a gallery that adds both images of N people who are in no query; scored with its
+answer key). Post-processing reads the rankings' raw scores (``tpas.search.postprocess``).
 
-    .venv/bin/python benchmarks/ablation.py --model RUN/best --data MINIPAB
-    .venv/bin/python benchmarks/ablation.py --model lite --data MINIPAB --rerank 32 --splits challenge
+Nothing is chosen on a test split. SCA's text threshold, the margin rule's tau and the slack
+prices are picked on validation identities carved out of the *training* split exactly as
+training carves them (``--val-identities``, ``--val-seed`` = the run's ``data.val_identities``
+and ``train.seed``; both models must have been trained with those, so that neither saw them):
+``tpas.search.calibrate.calibrate_post`` over a grid, together with the raw score each method
+compares (``confidence``: the head's raw ITM, raw ITC, or the ranking's fusion with one scale for
+all queries). Tau and slack grids are multiples of the median top-1 - top-2 gap of the validation
+confidences, so they follow the score's units (ITM logits, ITM margins, RRF values) whatever the
+model.
 
-Prints markdown tables and saves ``benchmarks/results/ablation.{json,md}``.
+    .venv/bin/python benchmarks/ablation.py --model RUN/best --second-model RUN2/best --data MINIPAB
+    .venv/bin/python benchmarks/ablation.py --model runs/demo/model --data runs/demo/minipab --protocols test
+
+Prints markdown tables and saves ``benchmarks/results/ablation.{json,md}`` (``--out``).
 """
 
 from __future__ import annotations
@@ -19,101 +33,185 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import RESULTS, save_results
 
-from tpas.data.datasets import load_eval
+from tpas.data.datasets import load_eval, load_train
+from tpas.data.loader import split_by_identity, validation_set
+from tpas.eval.fusion import System, fuse_systems
+from tpas.eval.metrics import Metrics
 from tpas.eval.run import run_eval
-from tpas.eval.tables import FIGURES, markdown_table
+from tpas.eval.tables import markdown_table
 from tpas.models import create_model
-from tpas.search.ranking import DEFAULT_WEIGHT, rank_evalset, resolve_weight
+from tpas.search.calibrate import THRESHOLD_GRID, calibrate_post
+from tpas.search.postprocess import candidates
+from tpas.search.ranking import Ranking, rank_evalset, ranking_from_scores
 
-COLUMNS = (*FIGURES, "normal R@1", "normal mAP", "anomaly R@1", "anomaly mAP")
+COLUMNS = ("R@1", "R@5", "R@10", "mAP", "mAP@10", "normal R@1", "anomaly R@1")
+GAP_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # tau and slack grids, in units of the median top-1 gap
+CONFIDENCES = ("itm", "itc", "fused")  # the raw scores a method may compare; ties keep the first
+PROTOCOL_SPLITS = {"test": "test", "track4": "track4"}
 
 
-def rows_for(args) -> list[tuple[str, bool | str, str, dict]]:
-    """(label, use re-rank (True, or "upstream" for the 0.002 fusion weight), post method, options)."""
-    return [
-        ("ITC only", False, "none", {}),
-        ("ITC + SCA", False, "sca", {"threshold": args.sca_threshold}),
-        (f"+ ITM re-rank (top {args.rerank}, upstream w={DEFAULT_WEIGHT})", "upstream", "none", {}),
-        (f"+ ITM re-rank (top {args.rerank}, w={args.weight:g})", True, "none", {}),
-        ("+ ITM + SCA", True, "sca", {"threshold": args.sca_threshold}),
-        (f"+ ITM + one-to-one (k={args.o2o_k})", True, "one_to_one", {"k": args.o2o_k}),
-        (f"+ ITM + dual-softmax (T={args.temperature})", True, "dual_softmax", {"temperature": args.temperature}),
+def median_gap(ranking: Ranking, confidence: str = "auto") -> float:
+    """Median over queries of the gap between their two best raw confidences: the unit the tau and
+    slack grids scale by."""
+    best_two = -np.sort(-candidates(ranking, confidence).conf, axis=1)[:, :2]
+    gap = best_two[:, 0] - best_two[:, 1]
+    gap = gap[np.isfinite(gap)]
+    return float(np.median(gap)) if len(gap) and np.median(gap) > 0 else 1.0
+
+
+def fused(first: Ranking, second: Ranking) -> Ranking:
+    """Reciprocal-rank fusion of two models' full orders (re-ranked heads included)."""
+    return fuse_systems([System("first", first.score_matrix(), comparable=False, text_embeds=first.text_embeds),
+                         System("second", second.score_matrix(), comparable=False)], "rrf", depth=10)
+
+
+def rank_pair(models, evalset, rerank: int, work: Path) -> list[Ranking]:
+    """Each model's ranking of ``evalset`` with its top-``rerank`` re-scored by ITM."""
+    return [rank_evalset(m, evalset, rerank=rerank, depth=max(rerank, 10), index_dir=work / f"index-{i}",
+                         progress=False) for i, m in enumerate(models)]
+
+
+def pick(ranking: Ranking, targets, method: str, option: str, grid_for, conservative: str,
+         confidences=CONFIDENCES, **fixed) -> dict:
+    """The best (confidence, value) on validation: ``calibrate_post`` for each confidence over
+    ``grid_for(confidence)``; a later confidence must do strictly better to win."""
+    best: dict = {}
+    for confidence in confidences:
+        value, table = calibrate_post(ranking, *targets, method, option, grid_for(confidence), conservative,
+                                      confidence=confidence, **fixed)
+        best.setdefault("tables", {})[confidence] = table
+        if "r1" not in best or table[value] > best["r1"]:
+            best.update(confidence=confidence, value=value, r1=table[value])
+    return best
+
+
+def calibrate(models, args, work: Path) -> dict:
+    """Pick every post-processing knob on the validation identities (never the test split)."""
+    train = load_train(args.data, "pab")
+    _, val_pairs = split_by_identity(train.pairs, args.val_identities, args.val_seed)
+    valset = validation_set(val_pairs, train.root, args.val_max_queries)
+    targets = (valset.query_targets(), valset.gallery_targets())
+    rankings = rank_pair(models, valset, args.rerank, work / "val")
+    first = rankings[0]
+
+    def gaps(ranking):
+        return lambda conf: tuple(float(f"{median_gap(ranking, conf) * m:.3g}") for m in GAP_MULTIPLES)
+
+    knobs = {"val_queries": len(valset.queries), "val_gallery": len(valset.gallery)}
+    knobs["threshold"] = pick(first, targets, "sca", "threshold", lambda conf: THRESHOLD_GRID, "max")
+    sca_fixed = {"threshold": knobs["threshold"]["value"], "rule": "margin"}
+    knobs["tau"] = pick(first, targets, "sca", "tau", lambda conf: (0.0, *gaps(first)(conf)), "max", **sca_fixed)
+    knobs["slack"] = pick(first, targets, "assign", "slack", gaps(first), "min", k=2)
+    if len(rankings) > 1:
+        both = fused(*rankings)
+        knobs["fused_slack"] = pick(both, targets, "assign", "slack", gaps(both), "min", confidences=("itc",), k=2)
+    return knobs
+
+
+def rows_for(args, knobs: dict, two: bool) -> list[tuple[str, str, str, dict]]:
+    """(label, which ranking, post method, options)."""
+    thr, tau, slack = knobs["threshold"], knobs["tau"], knobs["slack"]
+    rows = [
+        ("ITC", "itc", "none", {}),
+        (f"+ ITM re-rank top-{args.rerank}", "first", "none", {}),
+        (f"+ SCA (seed rule; {thr['confidence']}, text threshold {thr['value']:g})", "first", "sca",
+         {"threshold": thr["value"], "confidence": thr["confidence"]}),
+        (f"+ SCA (margin rule; {tau['confidence']}, tau {tau['value']:.3g})", "first", "sca",
+         {"threshold": thr["value"], "rule": "margin", "tau": tau["value"], "confidence": tau["confidence"]}),
+        (f"+ global assignment (top-2; {slack['confidence']}, slack {slack['value']:.3g})", "first", "assign",
+         {"k": 2, "slack": slack["value"], "confidence": slack["confidence"]}),
+        ("one-to-one (top-10, no slack; itm)", "first", "one_to_one", {"k": 10}),
     ]
+    if two:
+        rows += [
+            ("+ fusion of two models (RRF, k = 60)", "fused", "none", {}),
+            (f"+ fusion + global assignment (slack {knobs['fused_slack']['value']:.3g})", "fused", "assign",
+             {"k": 2, "slack": knobs["fused_slack"]["value"]}),
+        ]
+    return rows
 
 
-def run_split(model, args, split: str, work: Path) -> dict:
-    """Rank the split once per (re-rank, weight) and evaluate every row through ``run_eval``."""
-    evalset = load_eval(args.data, "pab", split)
+def run_protocol(models, args, knobs: dict, protocol: str, work: Path) -> dict:
+    """Rank once per model, then evaluate every row through run_eval on those rankings."""
+    evalset = load_eval(args.data, "pab", PROTOCOL_SPLITS[protocol])
     if not evalset.has_ground_truth:
-        raise SystemExit(f"{split}: no ground truth (attach challenge/answer_key.json)")
-    per_target = Counter(evalset.query_targets())
+        raise SystemExit(f"{protocol}: no ground truth (its answer_key.json is missing)")
     t0 = time.perf_counter()
-    index_dir = work / split / "index"
-    rankings = {False: rank_evalset(model, evalset, index_dir=index_dir, batch_size=args.batch_size),
-                True: rank_evalset(model, evalset, rerank=args.rerank, weight=args.weight, index_dir=index_dir)}
-    rankings["upstream"] = rankings[True]
-    if args.weight != DEFAULT_WEIGHT:
-        rankings["upstream"] = rank_evalset(model, evalset, rerank=args.rerank, weight=DEFAULT_WEIGHT,
-                                            index_dir=index_dir)
-    scoring_s = time.perf_counter() - t0
-    results = []
-    for label, use_rerank, post, options in rows_for(args):
-        result = run_eval(model, evalset, post=post, post_options=options, ranking=rankings[use_rerank],
-                          progress=False)
-        results.append({"setting": label, "rerank": result.settings["rerank"],
-                        "fusion_weight": result.settings["fusion_weight"], "post": post, "options": options,
-                        "metrics": result.metrics.to_dict(), "post_seconds": round(result.timings["post_s"], 3)})
-    return {"split": split, "eval_set": evalset.name, "queries": len(evalset.queries), "gallery": len(evalset.gallery),
-            "max_queries_per_image": max(per_target.values()),
-            "images_with_several_queries": sum(1 for c in per_target.values() if c > 1),
-            "scoring_seconds": round(scoring_s, 1), "rows": results}
+    rankings = rank_pair(models, evalset, args.rerank, work / protocol)
+    first = rankings[0]
+    by_name = {"first": first, "itc": ranking_from_scores(first.itc_scores, depth=10, text_embeds=first.text_embeds)}
+    if len(rankings) > 1:
+        by_name["fused"] = fused(*rankings)
+    ranking_s = time.perf_counter() - t0
+    rows = []
+    for label, which, post, options in rows_for(args, knobs, len(models) > 1):
+        res = run_eval(models[0], evalset, ranking=by_name[which], post=post, post_options=options,
+                       assume_one_to_one=True, progress=False)
+        rows.append({"setting": label, "ranking": which, "post": post, "options": res.settings["post_options"],
+                     "metrics": res.metrics.to_dict(), "post_seconds": round(res.timings["post_s"], 3)})
+    return {"protocol": protocol, "eval_set": evalset.name, "queries": len(evalset.queries),
+            "gallery": len(evalset.gallery), "ranking_seconds": round(ranking_s, 1), "rows": rows}
 
 
-def markdown(split: dict) -> str:
-    from tpas.eval.metrics import Metrics
+def markdown(result: dict) -> str:
+    rows = [(r["setting"], Metrics.from_dict(r["metrics"])) for r in result["rows"]]
+    kind = "one query per image" if result["protocol"] == "test" else "with distractors (Track 4 style)"
+    return (f"### {result['protocol']}: {kind} ({result['eval_set']}: {result['queries']} queries, "
+            f"{result['gallery']} gallery images)\n\n" + markdown_table(rows, COLUMNS))
 
-    rows = [(r["setting"], Metrics.from_dict(r["metrics"])) for r in split["rows"]]
-    return (f"### {split['split']} ({split['eval_set']}): {split['queries']} queries, {split['gallery']} images\n\n"
-            f"{split['images_with_several_queries']} images are the target of more than one query "
-            f"(up to {split['max_queries_per_image']}); SCA / one-to-one / dual-softmax assume one.\n\n"
-            + markdown_table(rows, COLUMNS))
+
+def calibration_markdown(knobs: dict) -> str:
+    lines = [f"Picked on {knobs['val_queries']} validation queries / {knobs['val_gallery']} images "
+             "(training identities held out by the run), with the raw score compared; R@1 in percent per value:", ""]
+    for name in ("threshold", "tau", "slack", "fused_slack"):
+        if name not in knobs:
+            continue
+        k = knobs[name]
+        tables = "; ".join(f"{conf}: " + ", ".join(f"{v:g}: {r:.1f}" for v, r in table.items())
+                           for conf, table in k["tables"].items())
+        lines.append(f"- {name} = **{k['value']:g}** on {k['confidence']} (val R@1 {k['r1']:.1f}; {tables})")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="trained model directory (RUN/best) or a named model")
-    ap.add_argument("--data", required=True, help="mini-PAB root")
-    ap.add_argument("--splits", nargs="+", default=["test"], help="test, ucc, challenge (needs its answer key)")
-    ap.add_argument("--rerank", type=int, default=128)
-    ap.add_argument("--weight", type=float, default=None,
-                    help="ITC weight in the fusion (default: the model's validation-calibrated weight, else 0.002)")
-    ap.add_argument("--sca-threshold", type=float, default=0.0, help="text cosine threshold (0 = all queries)")
-    ap.add_argument("--o2o-k", type=int, default=10)
-    ap.add_argument("--temperature", type=float, default=0.05)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--second-model", default=None, help="a second trained model for the fusion rows")
+    ap.add_argument("--data", required=True, help="mini-PAB root (with track4/ for the distractor protocol)")
+    ap.add_argument("--protocols", nargs="+", default=["test", "track4"], choices=tuple(PROTOCOL_SPLITS))
+    ap.add_argument("--rerank", type=int, default=16, help="ITM re-rank depth (default 16)")
+    ap.add_argument("--val-identities", type=float, default=0.05, help="the run's data.val_identities (default 0.05)")
+    ap.add_argument("--val-seed", type=int, default=42, help="the run's train.seed (default 42, minipab-lite's)")
+    ap.add_argument("--val-max-queries", type=int, default=300, help="the run's data.val_max_queries (default 300)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--note", default="", help="a line printed above the tables (e.g. which model this is)")
+    ap.add_argument("--note", default="", help="a line printed above the tables (e.g. which models these are)")
     ap.add_argument("--out", default=str(RESULTS / "ablation"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = create_model(args.model).eval()
-    args.weight = resolve_weight(model, args.weight)
+    models = [create_model(args.model).eval()]
+    if args.second_model:
+        models.append(create_model(args.second_model).eval())
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tpas-ablation-") as tmp:
-        splits = [run_split(model, args, split, Path(tmp)) for split in args.splits]
-    header = (f"## Retrieval ablation\n\nmodel `{args.model}`, data `{args.data}`, ITM = logit, fusion weight {args.weight:g} "
-              f"(per-query min-max; upstream's {DEFAULT_WEIGHT} in its own row), SCA threshold {args.sca_threshold}.\n")
+        knobs = calibrate(models, args, Path(tmp))
+        results = [run_protocol(models, args, knobs, p, Path(tmp)) for p in args.protocols]
+    header = (f"## Retrieval ablation: post-processing on raw scores, 1:1 and with distractors\n\n"
+              f"model `{args.model}`" + (f", second model `{args.second_model}`" if args.second_model else "")
+              + f", data `{args.data}`, ITM re-rank top-{args.rerank} (fusion weight "
+              f"{models[0].config.rerank_weight}), {time.perf_counter() - started:.0f} s.\n")
     if args.note:
         header += f"\n{args.note}\n"
-    text = header + "\n" + "\n".join(markdown(s) for s in splits)
+    text = header + "\n" + calibration_markdown(knobs) + "\n" + "\n".join(markdown(r) for r in results)
     print(text)
-    dest = Path(args.out)
-    save_results(dest, {"model": args.model, "data": str(args.data), "note": args.note, "splits": splits}, text)
+    save_results(Path(args.out), {"model": args.model, "second_model": args.second_model, "data": str(args.data),
+                                  "rerank": args.rerank, "note": args.note, "calibration": knobs,
+                                  "protocols": results}, text)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,16 @@ def test_itc_eval_matches_direct_metrics(model, tmp_path):
     assert not (tmp_path / "out" / "answer.txt").exists()
 
 
-def reference_rerank(model, evalset, k: int, weight: float) -> np.ndarray:
+def reference_rerank(model, evalset, k: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
     """The re-ranked score matrix computed independently: ITC, then each query's top-k scored pair
-    by pair with ITM and fused per query (minmax(ITM) + w * minmax(ITC)); the rest below in ITC order."""
+    by pair with ITM and fused per query (minmax(ITM) + w * minmax(ITC)); the rest below in ITC order.
+    Also returns the raw ITM scores [Q,G] (NaN outside each query's top-k)."""
     img = encode_images(model, [evalset.image_path(g.image) for g in evalset.gallery], keep_tokens=True,
                         progress=False)
     txt = encode_texts(model, [q.caption for q in evalset.queries], keep_tokens=True, progress=False)
     itc = txt.embeds @ img.embeds.T
     out = itc - itc.max(axis=1, keepdims=True) - 1
+    raw = np.full(itc.shape, np.nan)
     with torch.no_grad():
         for q in range(len(itc)):
             head = np.argsort(-itc[q], kind="stable")[:k]
@@ -81,28 +83,38 @@ def reference_rerank(model, evalset, k: int, weight: float) -> np.ndarray:
                             for g in head])
             span = lambda x: (x - x.min()) / (x.max() - x.min())  # noqa: E731
             out[q, head] = span(itm) + weight * span(itc[q, head])
-    return out
+            raw[q, head] = itm
+    return out, raw
 
 
 def test_rerank_and_post_processing_change_the_ranking_as_specified(model, tmp_path):
-    from tpas.search.postprocess import one_to_one
+    from dataclasses import replace
+
+    from tpas.search.postprocess import postprocess
+    from tpas.search.ranking import rank_evalset
 
     evalset = make_evalset(tmp_path / "data")
     targets = (evalset.query_targets(), evalset.gallery_targets())
     itc_only = run_eval(model, evalset, index_dir=tmp_path / "index", progress=False).metrics
-    expected = reference_rerank(model.eval(), evalset, k=4, weight=0.002)
+    expected, raw_itm = reference_rerank(model.eval(), evalset, k=4, weight=0.002)
     want = evaluate(expected, *targets)
     assert want["mAP"] != pytest.approx(itc_only["mAP"])  # re-ranking moves something: the check has power
     got = run_eval(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
     assert got.settings["rerank"] == 4 and got.settings["fusion_weight"] == 0.002
     for key in ("R@1", "R@5", "R@10", "mAP", "mINP"):
         assert got.metrics[key] == pytest.approx(want[key], abs=1e-4), key
-    want_post = evaluate(one_to_one(expected, k=5), *targets)
-    assert want_post["mAP"] != pytest.approx(want["mAP"])  # the assignment moves something too
+    # one-to-one reads the raw ITM of each query's re-ranked head: run_eval's result is the assignment
+    # made on the reference's pair-by-pair raw ITM scores (its optimality: tests/test_postprocess.py)
+    ranking = rank_evalset(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
+    np.testing.assert_allclose(ranking.itm[:, :4], np.take_along_axis(raw_itm, ranking.rows[:, :4], axis=1),
+                               atol=1e-4)
+    reference = replace(ranking, itm=np.take_along_axis(raw_itm, ranking.rows, axis=1).astype(np.float32))
+    want_post = evaluate(postprocess(reference, "one_to_one", k=5).score_matrix(), *targets,
+                         query_groups=evalset.query_groups(), ap_ks=(10,))
     post = run_eval(model, evalset, rerank=4, post="one_to_one", post_options={"k": 5},
                     index_dir=tmp_path / "index", progress=False)
-    for key in ("R@1", "R@5", "mAP"):
-        assert post.metrics[key] == pytest.approx(want_post[key], abs=1e-4), key
+    assert post.metrics == want_post
+    assert post.metrics["mAP"] != pytest.approx(want["mAP"])  # the assignment moves something
     assert post.settings["post"] == "one_to_one" and post.settings["post_options"] == {"k": 5}
 
 
@@ -203,3 +215,77 @@ def test_sca_report_reads_in_rank_order_and_shows_a_true_match_below_the_top_10(
             assert (str(stated), "true match") in cells
             deep += 1
     assert picks > 0 and deep > 0  # the untrained model gives SCA work and ranks some matches low
+
+
+def test_post_processing_refused_where_images_answer_several_queries(model, tmp_path, caplog):
+    from tpas.errors import TpasError
+
+    evalset = make_evalset(tmp_path / "data")
+    twice = EvalSet(evalset.name, evalset.root, [*evalset.queries, Query("extra", "a second caption", "3_0")],
+                    evalset.gallery)
+    with pytest.raises(TpasError, match="1 targets are shared by several queries"):
+        run_eval(model, twice, post="sca", progress=False)
+    assert run_eval(model, twice, progress=False).metrics is not None  # without post-processing: fine
+    # a larger gallery (distractors): a warning, unless the protocol is declared one-to-one
+    few = EvalSet(evalset.name, evalset.root, evalset.queries[:4], evalset.gallery)
+    with caplog.at_level("WARNING"):
+        run_eval(model, few, post="assign", index_dir=tmp_path / "index", progress=False)
+    assert "12 gallery images for 4 queries" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        run_eval(model, few, post="assign", assume_one_to_one=True, index_dir=tmp_path / "index", progress=False)
+    assert "gallery images for" not in caplog.text
+
+
+def test_sca_threshold_comes_from_the_model_unless_given(model, tmp_path, caplog):
+    from tpas.search.postprocess import DEFAULT_SCA_THRESHOLD
+
+    from tpas.search.ranking import rank_evalset
+
+    evalset = make_evalset(tmp_path / "data")
+    ranking = rank_evalset(model, evalset, progress=False)
+    with caplog.at_level("WARNING"):
+        res = run_eval(model, evalset, post="sca", ranking=ranking, progress=False)
+    assert res.settings["post_options"] == {"threshold": DEFAULT_SCA_THRESHOLD} and "none stored" in caplog.text
+    model.config.sca_threshold = 0.42
+    try:
+        stored = run_eval(model, evalset, post="sca", ranking=ranking, progress=False)
+        given = run_eval(model, evalset, post="sca", post_options={"threshold": -1.0}, ranking=ranking, progress=False)
+    finally:
+        model.config.sca_threshold = None
+    assert stored.settings["post_options"]["threshold"] == 0.42
+    assert given.settings["post_options"]["threshold"] == -1.0
+
+
+def test_track4_eval_writes_a_zipped_answer(model, tmp_path, capsys):
+    import zipfile
+
+    from tpas.data.synth.writer import generate
+
+    root = tmp_path / "minipab"
+    generate(root, identities=12, seed=2, size=(64, 32), distractors=4)
+    model_dir = model.save_pretrained(tmp_path / "model")
+    assert main(["eval", "--model", str(model_dir), "--data", str(root), "--split", "track4", "--post", "assign",
+                 "--assume-one-to-one", "--out", str(tmp_path / "t4"), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "mAP@10" in out and "answer_zip" in out
+    names = (root / "track4" / "query_index.txt").read_text().splitlines()
+    with zipfile.ZipFile(tmp_path / "t4" / "answer.zip") as zf:
+        assert zf.namelist() == ["answer.txt"]
+        lines = zf.read("answer.txt").decode().splitlines()
+    assert len(lines) == len(names) and all(len(line.split(" ")) == 10 for line in lines)
+    saved = json.loads((tmp_path / "t4" / "metrics.json").read_text())
+    assert saved["answer_scores"]["mAP@10"] == pytest.approx(saved["mAP@10"])
+    assert main(["check-answer", str(tmp_path / "t4" / "answer.zip"), "--data", str(root)]) == 0
+
+
+def test_sca_threshold_calibrated_on_a_validation_split(model, tmp_path):
+    from tpas.search.calibrate import THRESHOLD_GRID, calibrate_sca_on_evalset, calibrate_sca_threshold
+    from tpas.search.ranking import rank_evalset
+
+    valset = make_evalset(tmp_path / "val")
+    threshold, table = calibrate_sca_on_evalset(model, valset, rerank=4)
+    assert set(table) == set(THRESHOLD_GRID) and threshold in table
+    assert table[threshold] == max(table.values())
+    ranking = rank_evalset(model, valset, rerank=4, progress=False)
+    assert calibrate_sca_threshold(ranking, valset.query_targets(), valset.gallery_targets()) == (threshold, table)

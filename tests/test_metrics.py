@@ -11,12 +11,13 @@ import torch
 from tpas.eval import Metrics, by_group, evaluate, evaluate_rankings, html_table, markdown_table, positive_ranks
 
 
-def reference(scores: np.ndarray, qids, gids, ks=(1, 5, 10), groups=None) -> dict:
+def reference(scores: np.ndarray, qids, gids, ks=(1, 5, 10), groups=None, ap_ks=()) -> dict:
     gids = np.asarray(gids)
 
     def summarize(rows):
         r = {f"R@{k}": 0.0 for k in ks}
         ap_sum = inp_sum = 0.0
+        ap_at = {k: 0.0 for k in ap_ks}
         for i in rows:
             order = np.argsort(-scores[i], kind="stable")
             hits = np.flatnonzero(gids[order] == qids[i]) + 1  # 1-based ranks of positives
@@ -24,9 +25,12 @@ def reference(scores: np.ndarray, qids, gids, ks=(1, 5, 10), groups=None) -> dic
                 r[f"R@{k}"] += float(hits[0] <= k)
             ap_sum += sum((j + 1) / rank for j, rank in enumerate(hits)) / len(hits)
             inp_sum += len(hits) / hits[-1]
+            for k in ap_ks:  # precision at each positive within the top k, over min(#positives, k)
+                ap_at[k] += sum((j + 1) / rank for j, rank in enumerate(hits) if rank <= k) / min(len(hits), k)
         n = len(rows)
         out = {key: 100.0 * v / n for key, v in r.items()}
         out.update(mAP=100.0 * ap_sum / n, mINP=100.0 * inp_sum / n, num_queries=n)
+        out.update({f"mAP@{k}": 100.0 * v / n for k, v in ap_at.items()})
         return out
 
     result = summarize(range(len(qids)))
@@ -179,3 +183,16 @@ def test_tables_group_columns_and_missing_figures():
     page = html_table([("A", a), ("B <b>", b)], ("R@1", "anomaly R@1"), links=["a.html", None])
     assert "<th>B &lt;b&gt;</th>" in page and '<a href="a.html">examples</a>' in page
     assert page.count("<tr>") == 3 and "<td>25.00</td>" in page
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_map_at_k_matches_bruteforce(seed):
+    scores, qids, gids, groups = random_case(seed)
+    got = evaluate(scores, qids, gids, query_groups=groups, ap_ks=(3, 10))
+    assert_close(got, reference(scores, qids, gids, groups=groups, ap_ks=(3, 10)))
+    assert Metrics.from_dict(got.to_dict()) == got
+    # truncated rankings give the same mAP@10 as the full matrix (the answer-file path)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    rankings = [[str(g) for g in row] for row in order]
+    truncated = evaluate_rankings(rankings, qids, {str(g): gid for g, gid in enumerate(gids)}, ap_ks=(10,))
+    assert truncated["mAP@10"] == pytest.approx(got["mAP@10"], abs=1e-9)

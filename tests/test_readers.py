@@ -7,7 +7,7 @@ import logging
 import re
 
 import pytest
-from readers_fixtures import make_challenge, make_pab, make_tbps, tbps_entries, write_jsonl
+from readers_fixtures import make_challenge, make_pab, make_tbps, tbps_entries, tiny_jpeg, write_jsonl
 
 from tpas.data.datasets import FORMATS, load_eval, load_train
 from tpas.data.jsonl import iter_jsonl, read_json_list
@@ -257,3 +257,45 @@ def test_tbps_non_utf8_and_missing_file(tmp_path):
         load_train(tmp_path, "rstp")
     with pytest.raises(DataError, match=r"no reid_raw\.json \(is this a cuhk dataset root\?\)"):
         load_train(tmp_path, "cuhk")
+
+
+# ---------------------------------------------------------------- AICity'26 Track 4
+def make_track4(root, names=("QB", "QA", "QC"), gallery=6):
+    (root / "query_index.txt").parent.mkdir(parents=True, exist_ok=True)
+    (root / "query_index.txt").write_text("".join(n + "\n" for n in names))
+    (root / "query_text.json").write_text(json.dumps({n: f"caption of {n}" for n in names}))
+    for g in range(gallery):
+        tiny_jpeg(root / "gallery" / f"G{g}.jpg", g)
+    return root
+
+
+def test_track4_reader_keeps_query_index_order(tmp_path):
+    from tpas.data.pab import read_track4
+
+    root = make_track4(tmp_path / "track4")
+    masked = read_track4(root)
+    assert [q.query_id for q in masked.queries] == ["QB", "QA", "QC"] and not masked.has_ground_truth
+    assert masked.queries[1].caption == "caption of QA" and masked.name.startswith("pab-track4")
+    assert [g.image_id for g in masked.gallery] == [f"G{g}" for g in range(6)]
+    write_jsonl(root / "answer_key.json", [{"query_id": n, "image_id": f"G{i}", "behaviour": "anomaly"}
+                                           for i, n in enumerate(("QA", "QB", "QC"))])
+    keyed = load_eval(tmp_path, "pab", "track4")  # a dataset root holding track4/ will do
+    assert [q.target for q in keyed.queries] == ["G1", "G0", "G2"] and keyed.queries[0].behaviour is Behaviour.ANOMALY
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda r: (r / "query_index.txt").write_text("QA\n\nQB\n"), r"query_index\.txt:2: expected one query name"),
+    (lambda r: (r / "query_index.txt").write_text("QA\nQB\nQA\n"), r"query_index\.txt:3: duplicate query name 'QA'"),
+    (lambda r: (r / "query_index.txt").write_text("QA\nQ Z\n"), r"query_index\.txt:2: expected one query name"),
+    (lambda r: (r / "query_text.json").write_text('{"QB": "x", "QA": "y"}'), r"query_text\.json: 1 query names"),
+    (lambda r: (r / "query_text.json").write_text('{"QB": "x",\n "QA": }'), r"query_text\.json:2: not valid JSON"),
+    (lambda r: (r / "query_text.json").write_text('["x"]'), r"query_text\.json: expected one JSON object"),
+    (lambda r: (r / "query_text.json").write_text('{"QB": "", "QA": "y", "QC": "z"}'), r"query 'QB': the caption"),
+])
+def test_track4_reader_problems(tmp_path, edit, problem):
+    from tpas.data.pab import read_track4
+
+    root = make_track4(tmp_path / "t4")
+    edit(root)
+    with pytest.raises(DataError, match=problem):
+        read_track4(root)

@@ -102,7 +102,8 @@ def test_metrics_cli(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| all | 6 |" in printed and "| anomaly | 3 |" in printed and str(out) in printed
-    assert json.loads(out.read_text()) == evaluate(scores, qids, gids, query_groups=groups).to_dict()
+    assert json.loads(out.read_text()) == evaluate(scores, qids, gids, query_groups=groups, ap_ks=(10,)).to_dict()
+    assert "mAP@10" in printed
     # wrong row count -> one-line error, exit 2
     (tmp_path / "q.txt").write_text("a\nb\n")
     rc = main(["metrics", "--scores", str(tmp_path / "s.npy"), "--query-ids", str(tmp_path / "q.txt"),
@@ -112,3 +113,51 @@ def test_metrics_cli(tmp_path, capsys):
     rc = main(["metrics", "--scores", str(tmp_path / "s.npy"), "--query-ids", str(tmp_path / "q.txt"),
                "--gallery-ids", str(tmp_path / "g.txt")])
     assert rc == 2 and "q.txt:2: empty line" in capsys.readouterr().err
+
+
+def make_track4_set(root, queries=3, gallery=12, key=True):
+    """A Track 4-shaped masked set: query_index.txt, query_text.json, gallery/, answer_key.json."""
+    from readers_fixtures import tiny_jpeg, write_jsonl
+
+    names = [f"Q{chr(ord('A') + i)}" for i in range(queries)]
+    root.mkdir(parents=True)
+    (root / "query_index.txt").write_text("".join(n + "\n" for n in names))
+    (root / "query_text.json").write_text(json.dumps({n: f"caption {n}" for n in names}))
+    for g in range(gallery):
+        tiny_jpeg(root / "gallery" / f"G{g}.jpg", g)
+    if key:  # query i -> image G<2i>
+        write_jsonl(root / "answer_key.json", [{"query_id": n, "image_id": f"G{2 * i}", "behaviour": "normal"}
+                                               for i, n in enumerate(names)])
+    return root
+
+
+def test_track4_answer_zip_checked_and_scored(tmp_path, capsys):
+    import zipfile
+
+    from tpas.data.submission import zip_answer
+
+    data = make_track4_set(tmp_path / "t4")
+    # query 0 finds G0 at rank 1, query 1 finds G2 at rank 4, query 2 misses G4
+    rankings = [[f"G{g}" for g in order] for order in ([0, 1, 3, 5, 6, 7, 8, 9, 10, 11],
+                                                       [1, 3, 5, 2, 6, 7, 8, 9, 10, 11],
+                                                       [0, 1, 2, 3, 5, 6, 7, 8, 9, 10])]
+    txt = write_answer(tmp_path / "answer.txt", rankings)
+    archive = zip_answer(txt, tmp_path / "answer.zip")
+    assert zipfile.ZipFile(archive).namelist() == ["answer.txt"] and read_answer(archive) == rankings
+    assert check_answer(archive, data / "query_index.txt", data / "gallery") == []
+    assert main(["check-answer", str(archive), "--data", str(data)]) == 0
+    out = tmp_path / "m.json"
+    assert main(["metrics", "--answer", str(archive), "--data", str(data), "--json", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert scored["R@1"] == pytest.approx(100 / 3) and scored["R@5"] == pytest.approx(200 / 3)
+    assert scored["mAP@10"] == pytest.approx(100 * (1 + 1 / 4 + 0) / 3)  # the Track 4 leaderboard figure
+    assert "| all | 3 |" in capsys.readouterr().out
+    # a zip with anything but answer.txt, or an answer with a line too few, is rejected
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
+        zf.write(txt, "results/answer.txt")
+    assert main(["check-answer", str(tmp_path / "bad.zip"), "--data", str(data)]) == 2
+    assert "exactly one file, answer.txt" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("\n".join(" ".join(r) for r in rankings[:2]) + "\n")
+    problems = check_answer(tmp_path / "short.txt", data / "query_index.txt", data / "gallery")
+    assert any("2 lines, but" in p and "3 queries" in p for p in problems)
+    assert main(["check-answer", str(txt)]) == 2  # neither --data nor --queries/--gallery

@@ -258,3 +258,33 @@ def test_cli_writes_and_says_where(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert str(out) in printed and (out / "minipab.json").is_file()
     assert main(["synth", str(tmp_path / "bad"), "--identities", "1"]) == 2
+
+
+def test_track4_set_with_distractors_leaves_the_test_split_byte_identical(dataset, tmp_path):
+    from tpas.data.datasets import load_eval
+
+    root = tmp_path / "t4"
+    generate(root, N_IDS, seed=7, size=SIZE, workers=2, ood=True, test_captions=2, distractors=5)
+    plain, with_track4 = _digest(dataset), _digest(root)
+    changed = {f for f in with_track4 if with_track4[f] != plain.get(f)}
+    assert {f.split("/")[0] for f in changed} == {"track4", "minipab.json"}  # test/, challenge/, ... untouched
+    assert not any(f.startswith("track4") for f in plain)
+    test_rows = _jsonl(dataset / "annotation" / "test" / "attr.json")
+    names = (root / "track4" / "query_index.txt").read_text().splitlines()
+    texts = json.loads((root / "track4" / "query_text.json").read_text())
+    key = {k["query_id"]: k for k in _jsonl(root / "track4" / "answer_key.json")}
+    gallery = {p.stem: p for p in (root / "track4" / "gallery").glob("*.jpg")}
+    assert len(names) == len(set(names)) == sum(len(r["caption"]) for r in test_rows) == len(texts) == len(key)
+    assert all(re.fullmatch(r"[A-Z0-9]{15}", n) for n in [*names, *gallery])
+    assert len(gallery) == len(test_rows) + 2 * 5  # the test images and both images of 5 distractor people
+    by_caption = {c: r for r in test_rows for c in r["caption"]}
+    for name in names:
+        row = by_caption[texts[name]]
+        assert gallery[key[name]["image_id"]].read_bytes() == (dataset / row["image"]).read_bytes()
+    distractors = set(gallery) - {k["image_id"] for k in key.values()}
+    assert len(distractors) == 10
+    test_bytes = {(dataset / r["image"]).read_bytes() for r in test_rows}
+    assert not any(gallery[d].read_bytes() in test_bytes for d in distractors)  # new people, not copies
+    evalset = load_eval(root, "pab", "track4")  # the reader finds track4/ and attaches the key
+    assert [q.query_id for q in evalset.queries] == names and evalset.has_ground_truth
+    assert json.loads((root / "minipab.json").read_text())["identities"]["distractor"] == 5

@@ -16,18 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "post-process the query set; print and save metrics, write report.html and, for a "
                     "masked challenge set, answer.txt.")
     p.add_argument("--model", required=True, help="model directory (e.g. RUN/best) or a named model")
-    p.add_argument("--data", required=True, help="dataset root (for --split challenge: the challenge folder "
-                                                 "or a root holding challenge/)")
-    p.add_argument("--format", default="pab", choices=("pab", "cuhk", "icfg", "rstp"))
-    p.add_argument("--split", default="test", help="test | ucc | challenge (pab); test | val (tbps)")
+    add_split_arguments(p)
     p.add_argument("--rerank", type=int, default=0, help="ITM re-rank depth (e.g. 128; 0 = ITC only)")
     p.add_argument("--itm", default="logit", choices=("logit", "prob"), help="ITM score used in fusion")
     p.add_argument("--weight", type=float, default=None,
                    help="ITC weight in the fusion (default: the model's calibrated weight, else upstream 0.002)")
-    p.add_argument("--post", default="none", choices=("none", "sca", "one_to_one", "dual_softmax"),
-                   help="query-set post-processing; valid only when one image answers at most one query (PAB)")
-    p.add_argument("--post-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="option of the post-processing, e.g. threshold=0.8, k=10, temperature=0.05 (repeatable)")
+    add_post_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default runs/eval/<split>)")
     p.add_argument("--index", default=None, help="gallery index folder to reuse/build (default OUT/index)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch")
@@ -36,6 +30,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_bad_image_argument(p)
     add_device_argument(p)
     p.set_defaults(func=run)
+
+
+def add_split_arguments(p: argparse.ArgumentParser) -> None:
+    """``--data``, ``--format`` and ``--split``: the evaluation split (shared with ``tpas fuse``)."""
+    p.add_argument("--data", required=True, help="dataset root (for a masked split: its folder, or a root holding "
+                                                 "challenge/ or track4/)")
+    p.add_argument("--format", default="pab", choices=("pab", "cuhk", "icfg", "rstp"))
+    p.add_argument("--split", default="test", help="test | ucc | challenge | track4 (pab); test | val (tbps)")
+
+
+def add_post_arguments(p: argparse.ArgumentParser) -> None:
+    """``--post``, ``--post-option`` and ``--assume-one-to-one`` (shared with ``tpas fuse``)."""
+    p.add_argument("--post", default="none", choices=("none", "sca", "assign", "one_to_one", "dual_softmax"),
+                   help="query-set post-processing on the ranking's raw scores; valid only when one image answers "
+                        "at most one query (PAB); refused when the answer key shows otherwise")
+    p.add_argument("--post-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the post-processing, e.g. threshold=0.8 rule=margin tau=0.5 (sca), k=2 slack=1.0 "
+                        "(assign), temperature=0.05, confidence=itm|itc (repeatable)")
+    p.add_argument("--assume-one-to-one", action="store_true",
+                   help="the protocol gives every query its own image (no warning for a gallery much larger than "
+                        "the query set, e.g. with distractors)")
 
 
 def parse_options(items: list[str]) -> dict:
@@ -55,7 +70,6 @@ def parse_options(items: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     from tpas.data.datasets import load_eval
     from tpas.eval.run import run_eval
-    from tpas.eval.tables import FIGURES, by_group, markdown_table
     from tpas.models import create_model
 
     evalset = load_eval(args.data, args.format, args.split, on_bad_image=args.on_bad_image)
@@ -63,14 +77,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / "eval" / args.split
     result = run_eval(model, evalset, rerank=args.rerank, weight=args.weight, itm_mode=args.itm, post=args.post,
                       post_options=parse_options(args.post_option), out_dir=out, index_dir=args.index,
-                      batch_size=args.batch_size, workers=args.workers, report_queries=args.report_queries)
-    columns = ("n", *FIGURES)
+                      batch_size=args.batch_size, workers=args.workers, report_queries=args.report_queries,
+                      assume_one_to_one=args.assume_one_to_one)
+    print_result(result, f"all (rerank={args.rerank} post={args.post})")
+    return 0
+
+
+def print_result(result, label: str) -> None:
+    """The metrics table (and the answer file's) and where every output went."""
+    from tpas.eval.tables import FIGURES, by_group, markdown_table
+
     if result.metrics is not None:
-        print(markdown_table(by_group(result.metrics, f"all (rerank={args.rerank} post={args.post})"), columns,
-                             first="queries"))
+        print(markdown_table(by_group(result.metrics, label), ("n", *FIGURES, "mAP@10"), first="queries"))
     if result.answer_metrics is not None:
-        print(markdown_table(by_group(result.answer_metrics, "answer.txt"), ("n", "R@1", "R@5", "R@10"),
+        print(markdown_table(by_group(result.answer_metrics, "answer.txt"), ("n", "R@1", "R@5", "R@10", "mAP@10"),
                              first="queries"))
     for name, path in result.outputs.items():
         print(f"{name}: {path}")
-    return 0

@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="each test image gets 1 to N captions (default 1: one query per image, as PAB's test pairs)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="share of identities in the test split "
                                                                     "(default 0.2)")
+    p.add_argument("--distractors", type=int, default=0, metavar="N",
+                   help="also write track4/, an AICity'26 Track 4-style masked test set whose gallery adds both "
+                        "images of N people who are in no query (default 0: none)")
     p.add_argument("--ood", action="store_true", help="also write a UCC-like split (other scenes, far camera) "
                                                       "as annotation/test/ucc.json")
     p.add_argument("--preview", action="store_true", help="write preview.png, a contact sheet of 24 images")
@@ -43,7 +46,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise TpasError(f"--workers must be at least 1, got {args.workers}")
     s = generate(args.out, args.identities, seed=args.seed, size=args.size, workers=args.workers, ood=args.ood,
-                 preview=args.preview, test_fraction=args.test_fraction, test_captions=args.test_captions)
+                 preview=args.preview, test_fraction=args.test_fraction, test_captions=args.test_captions,
+                 distractors=args.distractors)
     print(f"mini-PAB written to {s.root}: {s.train_identities} train / {s.test_identities} test"
           + (f" / {s.ood_identities} ucc" if s.ood_identities else "")
           + f" identities, {s.images} images, {s.queries} test queries "
@@ -53,6 +57,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     if s.ood_identities:
         print(f"  ucc:        {s.root / 'annotation' / 'test' / 'ucc.json'}")
     print(f"  challenge:  {s.root / 'challenge'} (answer key: answer_key.json)")
+    if s.distractor_identities:
+        print(f"  track4:     {s.root / 'track4'} ({s.distractor_identities} distractor identities; "
+              "answer key: answer_key.json)")
     if s.preview:
         print(f"  preview:    {s.preview}")
     return 0

@@ -12,16 +12,16 @@ from pathlib import Path
 
 from tpas.data.images import check_gallery
 from tpas.data.jsonl import Problems
-from tpas.data.pab import attach_challenge_key, read_pab_challenge, read_pab_test, read_pab_train
+from tpas.data.pab import TRACK4_INDEX, attach_challenge_key, read_pab_challenge, read_pab_test, read_pab_train, read_track4
 from tpas.data.records import EvalSet, TrainSet
 from tpas.data.tbps import TBPS_FORMATS, read_tbps_eval, read_tbps_train
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "EVAL_SPLITS", "challenge_root", "load_train", "load_eval"]
+__all__ = ["FORMATS", "EVAL_SPLITS", "challenge_root", "load_train", "load_eval", "track4_root"]
 
 FORMATS = ("pab", "cuhk", "icfg", "rstp")
-EVAL_SPLITS = {"pab": ("test", "ucc", "challenge"), **{fmt: spec[2][1:] for fmt, spec in TBPS_FORMATS.items()}}
+EVAL_SPLITS = {"pab": ("test", "ucc", "challenge", "track4"), **{fmt: spec[2][1:] for fmt, spec in TBPS_FORMATS.items()}}
 ANSWER_KEY = "answer_key.json"
 
 
@@ -36,6 +36,15 @@ def challenge_root(root: str | os.PathLike) -> Path:
     root = Path(root)
     if not (root / "query.json").is_file() and (root / "challenge" / "query.json").is_file():
         return root / "challenge"
+    return root
+
+
+def track4_root(root: str | os.PathLike) -> Path:
+    """The folder holding an AICity'26 Track 4 masked set: ``root`` itself, or ``root/track4`` when
+    the dataset root keeps one there (mini-PAB written with distractors does)."""
+    root = Path(root)
+    if not (root / TRACK4_INDEX).is_file() and (root / "track4" / TRACK4_INDEX).is_file():
+        return root / "track4"
     return root
 
 
@@ -57,10 +66,11 @@ def load_eval(root: str | os.PathLike, fmt: str, split: str = "test", on_bad_ima
               check_images: bool = True, problems: Problems | None = None) -> EvalSet:
     """Queries + gallery of one evaluation split.
 
-    PAB splits: ``test`` (annotation/test/attr.json or pair.json), ``ucc`` (ucc.json) and
-    ``challenge`` (``root`` or ``root/challenge`` holds query.json and gallery/; ``answer_key.json``
-    beside them, when present, fills the targets). TBPS splits: ``test`` and, for cuhk/rstp, ``val``.
-    A challenge gallery is a folder of files, checked like any other gallery when ``check_images``.
+    PAB splits: ``test`` (annotation/test/attr.json or pair.json), ``ucc`` (ucc.json),
+    ``challenge`` (WWW'25 masked set: ``root`` or ``root/challenge`` holds query.json and gallery/)
+    and ``track4`` (AICity'26 Track 4 masked set: ``root`` or ``root/track4`` holds query_index.txt,
+    query_text.json and gallery/); for both, ``answer_key.json`` beside them, when present, fills
+    the targets. TBPS splits: ``test`` and, for cuhk/rstp, ``val``.
     """
     _check_format(fmt)
     if split not in EVAL_SPLITS[fmt]:
@@ -68,10 +78,14 @@ def load_eval(root: str | os.PathLike, fmt: str, split: str = "test", on_bad_ima
     if fmt != "pab":
         return read_tbps_eval(root, fmt, split, on_bad_image=on_bad_image, check_images=check_images,
                               problems=problems)
-    if split != "challenge":
+    if split not in ("challenge", "track4"):
         return read_pab_test(root, split, on_bad_image=on_bad_image, check_images=check_images, problems=problems)
-    root = challenge_root(root)
-    evalset = read_pab_challenge(root, problems)
+    if split == "challenge":
+        root = challenge_root(root)
+        evalset = read_pab_challenge(root, problems)
+    else:
+        root = track4_root(root)
+        evalset = read_track4(root)
     key = root / ANSWER_KEY
     if key.is_file():
         log.info("attaching ground truth from %s", key)

@@ -11,18 +11,24 @@ Layout under the dataset root (DESIGN section 3)::
     <challenge dir>/gallery/<ID>.jpg                         gallery images, ID = file stem
     <challenge dir>/answer_key.json                          optional ground truth (see below)
 
+    <track4 dir>/query_index.txt                             AICity'26 Track 4: one query name a line
+    <track4 dir>/query_text.json                             one JSON object {query name: caption}
+    <track4 dir>/gallery/<NAME>.jpg                          gallery images (with distractors)
+    <track4 dir>/answer_key.json                             optional ground truth (see below)
+
 Training pairs map to :class:`ImageText` with ``person_id = image_id``: PAB's normal and anomalous
 image of one person are different retrieval targets, so they must not count as positives of each
 other. Test lines carry a list of captions; each caption is one :class:`Query` whose target is the
 line's ``image_id``.
 
-Answer key contract (written by mini-PAB for its masked challenge set, read here): JSON Lines next to
-``query.json``, one line per query, ``{"query_index": int, "image_id": "<gallery ID>",
-"behaviour": "normal"|"anomaly"}``.
+Answer key contract (written by mini-PAB for its masked sets, read here): JSON Lines next to the
+queries, one line per query, ``{"query_index": int, "image_id": "<gallery ID>", "behaviour":
+"normal"|"anomaly"}`` (WWW'25 form; a Track 4 key names the query with ``"query_id": "<name>"``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -53,6 +59,8 @@ __all__ = [
     "read_pab_train",
     "read_pab_test",
     "read_pab_challenge",
+    "read_track4",
+    "read_query_names",
     "read_challenge_key",
     "attach_challenge_key",
     "challenge_gallery",
@@ -60,6 +68,8 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+TRACK4_INDEX = "query_index.txt"  # AICity'26 Track 4: the query order of the answer file
+TRACK4_TEXT = "query_text.json"
 TRAIN_KINDS = ("pair", "attr", "auto")
 TEST_FILES = {"test": ("attr.json", "pair.json"), "ucc": ("ucc.json",)}
 
@@ -336,12 +346,86 @@ def read_pab_challenge(root: str | os.PathLike, problems: Problems | None = None
     return EvalSet(name=f"pab-challenge:{root.name}", root=root, queries=queries, gallery=gallery)
 
 
-def _read_key(path: str | os.PathLike) -> dict[int, tuple[str, Behaviour]]:
-    key: dict[int, tuple[str, Behaviour]] = {}
-    first_line: dict[int, int] = {}
+def read_query_names(path: str | os.PathLike) -> list[str]:
+    """Track 4's ``query_index.txt``: one query name a line, in answer-file order.
+
+    A blank line, a name with whitespace in it, or a repeated name is an error naming the line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except UnicodeDecodeError:
+        raise DataError("not valid UTF-8", path) from None
+    names: list[str] = []
+    first_line: dict[str, int] = {}
+    for line_no, line in enumerate(text.splitlines(), 1):
+        name = line.rstrip("\r")
+        if not name or any(ch.isspace() for ch in name):
+            raise DataError("expected one query name (no spaces) on every line", path, line_no)
+        if name in first_line:
+            raise DataError(f"duplicate query name '{name}' (first seen on line {first_line[name]})", path, line_no)
+        first_line[name] = line_no
+        names.append(name)
+    if not names:
+        raise DataError("no query names", path)
+    return names
+
+
+def _read_query_texts(path: Path) -> dict[str, str]:
+    """Track 4's ``query_text.json``: one JSON object mapping query names to captions."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except UnicodeDecodeError:
+        raise DataError("not valid UTF-8", path) from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"not valid JSON: {exc.msg} (column {exc.colno})", path, exc.lineno) from None
+    if not isinstance(data, dict):
+        raise DataError(f"expected one JSON object {{query name: caption}}, got a {type(data).__name__}", path)
+    for name, caption in data.items():
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"query '{name}': the caption must be a non-empty string", path)
+    return data
+
+
+def read_track4(root: str | os.PathLike) -> EvalSet:
+    """Read an AICity'26 Track 4 masked test set: ``query_index.txt``, ``query_text.json`` and
+    ``gallery/<NAME>.<ext>`` under ``root``.
+
+    Queries keep ``query_index.txt`` order (the order the answer file must follow); their ids are
+    the query names; targets are None (the ground truth is hidden). Gallery ids are file stems.
+    """
+    root = Path(root)
+    names = read_query_names(root / TRACK4_INDEX)
+    texts = _read_query_texts(root / TRACK4_TEXT)
+    missing = [n for n in names if n not in texts]
+    if missing:
+        raise DataError(f"{len(missing)} query names of {TRACK4_INDEX} have no caption, e.g. '{missing[0]}'",
+                        root / TRACK4_TEXT)
+    queries = [Query(name, texts[name], None) for name in names]
+    gallery = [
+        GalleryImage(f"gallery/{name}", stem, None) for stem, name in challenge_gallery(root / "gallery").items()
+    ]
+    log.info("read %d Track 4 queries, %d gallery images from %s", len(queries), len(gallery), root)
+    return EvalSet(name=f"pab-track4:{root.name}", root=root, queries=queries, gallery=gallery)
+
+
+def _key_query(obj: dict, where: Where) -> int | str:
+    """The query a key line answers: ``query_index`` (WWW'25, an integer) or ``query_id`` (Track 4, a name)."""
+    if "query_id" in obj:
+        return get_id(obj, "query_id", where)
+    return _query_index(obj, where)
+
+
+def _read_key(path: str | os.PathLike) -> dict[int | str, tuple[str, Behaviour]]:
+    key: dict[int | str, tuple[str, Behaviour]] = {}
+    first_line: dict[int | str, int] = {}
     for line_no, obj in iter_jsonl(path):
         where = Where(path, line_no)
-        index = _query_index(obj, where)
+        index = _key_query(obj, where)
         image_id = get_id(obj, "image_id", where)
         label = optional_str(obj, "behaviour", where) or Behaviour.UNKNOWN.value
         try:
@@ -349,35 +433,37 @@ def _read_key(path: str | os.PathLike) -> dict[int, tuple[str, Behaviour]]:
         except ValueError:
             raise where.error(f"field 'behaviour' must be 'normal' or 'anomaly', got {label!r}") from None
         if index in first_line:
-            raise where.error(f"duplicate query_index {index} (first seen on line {first_line[index]})")
+            raise where.error(f"duplicate query {index!r} (first seen on line {first_line[index]})")
         first_line[index] = line_no
         key[index] = (image_id, behaviour)
     return key
 
 
-def read_challenge_key(path: str | os.PathLike) -> dict[int, str]:
-    """``answer_key.json`` -> {query_index: gallery image ID}."""
+def read_challenge_key(path: str | os.PathLike) -> dict[int | str, str]:
+    """``answer_key.json`` -> {query_index (WWW'25) or query name (Track 4): gallery image ID}."""
     return {index: image_id for index, (image_id, _) in _read_key(path).items()}
 
 
 def attach_challenge_key(evalset: EvalSet, key_path: str | os.PathLike) -> EvalSet:
-    """Return a copy of a challenge EvalSet with targets (and behaviour labels) from the key.
+    """Return a copy of a masked EvalSet (WWW'25 challenge or Track 4) with targets (and behaviour
+    labels) from the key.
 
     Every gallery image becomes its own target (one positive per query, like PAB test); every query
     must be in the key and point at an existing gallery ID.
     """
-    key = _read_key(key_path)
+    key = {str(index): answer for index, answer in _read_key(key_path).items()}
     gallery_ids = {g.image_id for g in evalset.gallery}
+    www25 = evalset.name.startswith("pab-challenge")
+    label, source = ("query_index", "query.json") if www25 else ("query", TRACK4_INDEX)
     queries = []
     for q in evalset.queries:
-        index = int(q.query_id)
-        if index not in key:
-            raise DataError(f"query_index {index} of query.json has no answer", key_path)
-        image_id, behaviour = key[index]
+        if q.query_id not in key:
+            raise DataError(f"{label} {q.query_id} of {source} has no answer", key_path)
+        image_id, behaviour = key[q.query_id]
         if image_id not in gallery_ids:
-            raise DataError(f"query_index {index}: image_id '{image_id}' is not in the gallery", key_path)
+            raise DataError(f"{label} {q.query_id}: image_id '{image_id}' is not in the gallery", key_path)
         queries.append(Query(q.query_id, q.caption, image_id, behaviour, q.action))
-    extra = set(key) - {int(q.query_id) for q in evalset.queries}
+    extra = set(key) - {q.query_id for q in evalset.queries}
     if extra:
         log.warning("%s: %d answers for query indices not in query.json (ignored), e.g. %s",
                     key_path, len(extra), sorted(extra)[:5])

@@ -1,23 +1,30 @@
 """The challenge ``answer.txt``: writing one from rankings and checking one before it is submitted.
 
-Format (DESIGN section 3): one line per query, in ``query.json`` order; each line holds the top-10
-gallery IDs (image file names without extension), best first, separated by single spaces.
+Format: one line per query; each line holds the top-10 gallery IDs (image file names without
+extension), best first, separated by single spaces. The two masked protocols differ only in where
+the query order comes from and in what is uploaded:
+
+* WWW'25 PAB challenge: lines in ``query.json`` order; ``answer.txt`` is submitted;
+* AICity'26 Track 4: lines in ``query_index.txt`` order; ``answer.zip`` (holding ``answer.txt``)
+  is submitted.
 """
 
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from tpas.data.jsonl import Where, get_id, iter_jsonl
-from tpas.data.pab import challenge_gallery
+from tpas.data.pab import challenge_gallery, read_query_names
 from tpas.errors import DataError
-from tpas.utils.io import atomic_open
+from tpas.utils.io import atomic_open, atomic_path
 
-__all__ = ["TOP_K", "write_answer", "read_answer", "check_answer"]
+__all__ = ["ANSWER_NAME", "TOP_K", "check_answer", "count_queries", "read_answer", "write_answer", "zip_answer"]
 
 TOP_K = 10
+ANSWER_NAME = "answer.txt"  # the one member of a Track 4 answer.zip
 
 
 def write_answer(path: str | os.PathLike, rankings: Sequence[Sequence[str]]) -> Path:
@@ -42,43 +49,79 @@ def write_answer(path: str | os.PathLike, rankings: Sequence[Sequence[str]]) -> 
     return path
 
 
+def zip_answer(answer_path: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
+    """``answer.zip`` holding ``answer_path`` as ``answer.txt`` (Track 4's upload; atomic)."""
+    zip_path = Path(zip_path)
+    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(answer_path, ANSWER_NAME)
+    return zip_path
+
+
+def _answer_bytes(path: Path) -> tuple[bytes, str]:
+    """The answer text's bytes and the name problems are reported under (a zip must hold answer.txt only)."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return path.read_bytes(), str(path)
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if not n.endswith("/")]
+            if names != [ANSWER_NAME]:
+                raise DataError(f"a submission zip must hold exactly one file, {ANSWER_NAME}; it holds {names}", path)
+            return zf.read(ANSWER_NAME), f"{path}:{ANSWER_NAME}"
+    except FileNotFoundError:
+        raise DataError("file not found", path) from None
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"not a readable zip file: {exc}", path) from None
+
+
 def read_answer(path: str | os.PathLike) -> list[list[str]]:
-    """The rankings in an answer file (no validation; see :func:`check_answer`)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """The rankings in an answer file, ``answer.txt`` or a Track 4 ``answer.zip`` (no validation;
+    see :func:`check_answer`)."""
+    raw, where = _answer_bytes(Path(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError("not valid UTF-8", where) from None
     return [line.split() for line in text.splitlines()]
+
+
+def count_queries(query_path: str | os.PathLike) -> int:
+    """How many lines an answer needs: the queries of ``query.json`` (WWW'25, JSON Lines with a
+    ``query_index`` each) or of ``query_index.txt`` (Track 4, one name a line)."""
+    query_path = Path(query_path)
+    if query_path.suffix == ".txt":
+        return len(read_query_names(query_path))
+    n_queries = 0
+    for line_no, obj in iter_jsonl(query_path):
+        get_id(obj, "query_index", Where(query_path, line_no))
+        n_queries += 1
+    return n_queries
 
 
 def check_answer(answer_path: str | os.PathLike, query_path: str | os.PathLike,
                  gallery_dir: str | os.PathLike) -> list[str]:
     """Every problem that would get an answer file rejected, as ``"path:line: problem"`` strings.
 
-    Checks: UTF-8, one line per query in ``query.json``, exactly 10 IDs a line, separated by single
-    spaces with no leading/trailing whitespace, no repeats, every ID a gallery file stem.
-    An empty list means the file is valid.
+    ``answer_path``: ``answer.txt`` or a Track 4 ``answer.zip`` (exactly one member, ``answer.txt``);
+    ``query_path``: ``query.json`` (WWW'25) or ``query_index.txt`` (Track 4). Checks: UTF-8, one
+    line per query, exactly 10 IDs a line, separated by single spaces with no leading/trailing
+    whitespace, no repeats, every ID a gallery file stem. An empty list means the file is valid.
     """
-    answer_path = Path(answer_path)
-    n_queries = 0
-    for line_no, obj in iter_jsonl(query_path):
-        get_id(obj, "query_index", Where(query_path, line_no))
-        n_queries += 1
+    n_queries = count_queries(query_path)
     known = set(challenge_gallery(gallery_dir))
-    try:
-        raw = answer_path.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", answer_path) from None
+    raw, answer_name = _answer_bytes(Path(answer_path))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        return [f"{answer_path}:{line}: not valid UTF-8"]
+        return [f"{answer_name}:{line}: not valid UTF-8"]
     problems: list[str] = []
     if text and not text.endswith("\n"):
         text += "\n"  # a missing final newline is harmless
     lines = text.split("\n")[:-1] if text else []
     if len(lines) != n_queries:
-        problems.append(f"{answer_path}: {len(lines)} lines, but {query_path} has {n_queries} queries")
+        problems.append(f"{answer_name}: {len(lines)} lines, but {query_path} has {n_queries} queries")
     for line_no, line in enumerate(lines, 1):
-        where = f"{answer_path}:{line_no}: "
+        where = f"{answer_name}:{line_no}: "
         if line.endswith("\r"):
             problems.append(where + "Windows line ending (\\r\\n); use \\n")
             line = line[:-1]

@@ -6,6 +6,8 @@ sort). With the positives' ranks ``r_1 < ... < r_m`` (1-based):
 * R@K  = 1 if ``r_1 <= K`` else 0
 * AP   = mean over k of ``k / r_k`` (precision at each positive's rank)
 * INP  = ``m / r_m`` (how deep one must look to find every positive)
+* AP@K = sum over the positives with ``r_k <= K`` of ``k / r_k``, divided by ``min(m, K)``
+  (mAP@10 is the AICity'26 Track 4 leaderboard figure: with one positive, ``1 / r`` when ``r <= 10``)
 
 and each figure is the mean over queries, in percent.
 
@@ -52,10 +54,13 @@ class Metrics:
     mINP: float | None = None
     groups: dict[str, "Metrics"] = field(default_factory=dict)  # e.g. normal / anomaly
     num_no_positive: int | None = None  # queries counted as misses (allow_no_positive)
+    map_at: dict[int, float] = field(default_factory=dict)  # K -> mAP@K (truncated at rank K)
 
     def __getitem__(self, name: str) -> float:
         if name.startswith("R@"):
             return self.recall[int(name[2:])]
+        if name.startswith("mAP@"):
+            return self.map_at[int(name[4:])]
         value = {"mAP": self.mAP, "mINP": self.mINP, "num_queries": self.num_queries}.get(name)
         if value is None:
             raise KeyError(name)
@@ -64,6 +69,7 @@ class Metrics:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {f"R@{k}": v for k, v in self.recall.items()}
         out.update({k: v for k, v in (("mAP", self.mAP), ("mINP", self.mINP)) if v is not None})
+        out.update({f"mAP@{k}": v for k, v in self.map_at.items()})
         out["num_queries"] = self.num_queries
         if self.num_no_positive is not None:
             out["num_no_positive"] = self.num_no_positive
@@ -77,7 +83,8 @@ class Metrics:
         return cls(recall={int(k[2:]): float(v) for k, v in data.items() if k.startswith("R@")},
                    num_queries=int(data.get("num_queries", 0)), mAP=data.get("mAP"), mINP=data.get("mINP"),
                    groups={n: cls.from_dict(g) for n, g in (data.get("groups") or {}).items()},
-                   num_no_positive=data.get("num_no_positive"))
+                   num_no_positive=data.get("num_no_positive"),
+                   map_at={int(k[4:]): float(v) for k, v in data.items() if k.startswith("mAP@")})
 
 
 def _to_numpy(rows: Any) -> np.ndarray:
@@ -167,10 +174,16 @@ def _mean(values: np.ndarray | None) -> float | None:
     return float(100.0 * values.mean()) if values.size else 0.0
 
 
+def _ap_at(ranks: np.ndarray, k: int) -> float:
+    """AP@k of one query from the sorted 1-based ranks of all its positives."""
+    hit = ranks <= k
+    return float((np.arange(1, ranks.size + 1)[hit] / ranks[hit]).sum() / min(ranks.size, k))
+
+
 def _summary(per_query: Mapping[str, np.ndarray], ks: Sequence[int], query_groups: Sequence[Any] | None = None,
              num_no_positive: int | None = None) -> Metrics:
-    """Means in percent of per-query arrays ``first`` (rank of the first positive), ``ap``, ``inp``,
-    over all queries and over each query group."""
+    """Means in percent of per-query arrays ``first`` (rank of the first positive), ``ap``, ``inp``
+    and ``ap@K``, over all queries and over each query group."""
     first = per_query["first"]
     groups: dict[str, Metrics] = {}
     if query_groups is not None:
@@ -179,9 +192,10 @@ def _summary(per_query: Mapping[str, np.ndarray], ks: Sequence[int], query_group
         labels = np.asarray([str(x) for x in query_groups])
         groups = {label: _summary({k: a[labels == label] for k, a in per_query.items()}, ks)
                   for label in sorted(set(labels))}
+    map_at = {int(name[3:]): _mean(values) for name, values in per_query.items() if name.startswith("ap@")}
     return Metrics(recall={k: _mean(first <= k) for k in ks}, num_queries=int(first.size),
                    mAP=_mean(per_query.get("ap")), mINP=_mean(per_query.get("inp")), groups=groups,
-                   num_no_positive=num_no_positive)
+                   num_no_positive=num_no_positive, map_at=map_at)
 
 
 def evaluate(
@@ -193,8 +207,10 @@ def evaluate(
     chunk_size: int | None = None,
     allow_no_positive: bool = False,
     progress: bool = False,
+    ap_ks: Sequence[int] = (),
 ) -> Metrics:
-    """R@K, mAP and mINP (percent) of a queries x gallery score matrix; higher score = better.
+    """R@K, mAP, mINP and mAP@K for K in ``ap_ks`` (percent) of a queries x gallery score matrix;
+    higher score = better.
 
     ``query_ids[i]`` and ``gallery_ids[j]`` are match labels: gallery item j is a positive of query
     i when they are equal (PAB: the image id; TBPS: the person id). ``scores`` may be an array, a
@@ -210,9 +226,9 @@ def evaluate(
     n, g = len(query_ids), len(gallery_ids)
     if n == 0 or g == 0:
         raise ValueError(f"nothing to evaluate: {n} queries, {g} gallery items")
-    ks = tuple(int(k) for k in ks)
-    if any(k < 1 for k in ks):
-        raise ValueError(f"ks must be positive, got {ks}")
+    ks, ap_ks = tuple(int(k) for k in ks), tuple(int(k) for k in ap_ks)
+    if any(k < 1 for k in ks + ap_ks):
+        raise ValueError(f"ks and ap_ks must be positive, got {ks} and {ap_ks}")
     # positives of every label as one CSR structure: gallery indices grouped by label code, ascending
     code_of: dict[Any, int] = {}
     gallery_codes = np.fromiter((code_of.setdefault(t, len(code_of)) for t in gallery_ids), dtype=np.int64, count=g)
@@ -234,6 +250,7 @@ def evaluate(
     first = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
     ap = np.zeros(n, dtype=np.float64)
     inp = np.zeros(n, dtype=np.float64)
+    ap_at = {k: np.zeros(n, dtype=np.float64) for k in ap_ks}
 
     bar = None
     if progress:
@@ -251,19 +268,23 @@ def evaluate(
             first[start + single] = r
             ap[start + single] = 1.0 / r
             inp[start + single] = 1.0 / r
+            for k, values in ap_at.items():
+                values[start + single] = np.where(r <= k, 1.0 / r, 0.0)
         for i in np.flatnonzero(counts > 1):
             q = start + i
             ranks = positive_ranks(rows[i], by_label[pos_start[q] : pos_start[q] + n_pos[q]])
             first[q] = ranks[0]
             ap[q] = np.mean(np.arange(1, ranks.size + 1) / ranks)
             inp[q] = ranks.size / ranks[-1]
+            for k, values in ap_at.items():
+                values[q] = _ap_at(ranks, k)
         if bar is not None:
             bar.update(stop - start)
     if bar is not None:
         bar.close()
 
-    return _summary({"first": first, "ap": ap, "inp": inp}, ks, query_groups,
-                    num_no_positive=int(no_pos.size) if allow_no_positive else None)
+    per_query = {"first": first, "ap": ap, "inp": inp, **{f"ap@{k}": v for k, v in ap_at.items()}}
+    return _summary(per_query, ks, query_groups, num_no_positive=int(no_pos.size) if allow_no_positive else None)
 
 
 def evaluate_rankings(
@@ -272,23 +293,34 @@ def evaluate_rankings(
     gallery_targets: Mapping[str, Any] | None = None,
     ks: Sequence[int] = (1, 5, 10),
     query_groups: Sequence[Any] | None = None,
+    ap_ks: Sequence[int] = (),
 ) -> Metrics:
-    """R@K of truncated rankings (e.g. an ``answer.txt``: top-10 gallery IDs per query).
+    """R@K and mAP@K of truncated rankings (e.g. an ``answer.txt``: top-10 gallery IDs per query).
 
     An ID is a hit when ``gallery_targets[id]`` (or the ID itself, without a mapping) equals the
-    query's target. Only R@K with K <= the ranking length is defined; mAP/mINP need full rankings.
+    query's target; a query's number of positives is how many gallery IDs carry its target (one
+    without a mapping). Only K <= the ranking length is defined; mAP/mINP need full rankings.
+    mAP@10 of a top-10 answer file is the AICity'26 Track 4 leaderboard figure.
     """
     if len(rankings) != len(query_targets):
         raise ValueError(f"{len(rankings)} rankings for {len(query_targets)} queries")
-    ks = tuple(int(k) for k in ks)
+    ks, ap_ks = tuple(int(k) for k in ks), tuple(int(k) for k in ap_ks)
     depth = min((len(r) for r in rankings), default=0)
-    if any(k > depth for k in ks):
-        raise ValueError(f"rankings hold {depth} IDs; cannot compute R@K for K in {ks}")
+    if any(k > depth for k in ks + ap_ks):
+        raise ValueError(f"rankings hold {depth} IDs; cannot compute R@K / mAP@K for K in {ks + ap_ks}")
+    positives: dict[Any, int] = {}
+    if gallery_targets is not None:
+        for label in gallery_targets.values():
+            positives[label] = positives.get(label, 0) + 1
     first = np.full(len(rankings), np.iinfo(np.int64).max, dtype=np.int64)
+    ap_at = {k: np.zeros(len(rankings), dtype=np.float64) for k in ap_ks}
     for i, (ranking, target) in enumerate(zip(rankings, query_targets)):
-        for r, item in enumerate(ranking, 1):
-            label = gallery_targets.get(item) if gallery_targets is not None else item
-            if label == target:
-                first[i] = r
-                break
-    return _summary({"first": first}, ks, query_groups)
+        labels = [gallery_targets.get(item) if gallery_targets is not None else item for item in ranking]
+        ranks = np.array([r for r, label in enumerate(labels, 1) if label == target], dtype=np.int64)
+        if ranks.size:
+            first[i] = ranks[0]
+        m = positives.get(target, 0) if gallery_targets is not None else 1
+        for k, values in ap_at.items():
+            hit = ranks[ranks <= k]
+            values[i] = (np.arange(1, hit.size + 1) / hit).sum() / min(max(m, hit.size, 1), k)
+    return _summary({"first": first, **{f"ap@{k}": v for k, v in ap_at.items()}}, ks, query_groups)

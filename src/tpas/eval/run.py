@@ -2,9 +2,11 @@
 
 1. **rank**: :func:`tpas.search.ranking.rank_evalset` (gallery through a persisted index, ITC for
    every pair, ITM re-rank of each query's top-k, fused order);
-2. **post-process**: query-set methods (:mod:`tpas.search.postprocess`: SCA and relatives);
-3. **score**: R@K, mAP, mINP, overall and per behaviour, when the ground truth is known;
-4. **write**: ``metrics.json``, ``report.html`` and, for a masked challenge set, ``answer.txt``.
+2. **post-process**: query-set methods (:mod:`tpas.search.postprocess`: SCA and relatives) on the
+   ranking's raw scores, after :func:`check_one_to_one` has checked that they apply;
+3. **score**: R@K, mAP, mINP, mAP@10, overall and per behaviour, when the ground truth is known;
+4. **write**: ``metrics.json``, ``report.html`` and, for a masked challenge set, ``answer.txt``
+   (and, for an AICity'26 Track 4 set, ``answer.zip``, the file that is submitted).
 
 Memory: image tokens live in the index's memory-mapped fp16 file and only the rows of the current
 candidates are read; queries are encoded and re-ranked in chunks. What stays in RAM is the score
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +26,19 @@ from typing import Any
 import numpy as np
 
 from tpas.data.records import EvalSet
+from tpas.errors import TpasError
 from tpas.eval.metrics import Metrics, evaluate, evaluate_rankings
-from tpas.search.postprocess import POST_METHODS, postprocess
+from tpas.search.postprocess import POST_METHODS, postprocess, resolve_post_options
 from tpas.search.ranking import Ranking, rank_evalset, top_k
 from tpas.utils.io import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "is_challenge", "run_eval", "sample_queries"]
+__all__ = ["EvalResult", "check_one_to_one", "is_challenge", "is_track4", "run_eval", "sample_queries"]
 
 TOP = 10  # ranking depth kept for answer.txt and the report
+AP_KS = (10,)  # mAP@10: the AICity'26 Track 4 leaderboard figure
+DISTRACTOR_RATIO = 2.0  # a gallery this many times the query count is mostly images no query asks for
 
 
 @dataclass
@@ -57,27 +63,70 @@ class EvalResult:
 
 
 def is_challenge(evalset: EvalSet) -> bool:
-    """A masked challenge set (its results go to ``answer.txt``)."""
-    return evalset.name.startswith("pab-challenge")
+    """A masked challenge set, WWW'25 or AICity'26 Track 4 (its results go to ``answer.txt``)."""
+    return evalset.name.startswith(("pab-challenge", "pab-track4"))
+
+
+def is_track4(evalset: EvalSet) -> bool:
+    """An AICity'26 Track 4 masked set (its ``answer.txt`` is submitted zipped)."""
+    return evalset.name.startswith("pab-track4")
+
+
+def check_one_to_one(evalset: EvalSet, post: str, assume_one_to_one: bool = False) -> None:
+    """Refuse query-set post-processing where its premise is known to be false; warn where it may be.
+
+    The premise: each gallery image answers at most one query. With a ground truth it is checked:
+    an image that is the target of several queries, or a target with several gallery images
+    (TBPS person ids), is a :class:`~tpas.errors.TpasError`. A gallery much larger than the query
+    set (distractors) gets a warning, unless ``assume_one_to_one``: every query may still have its
+    own image, but most images answer none and nothing here can confirm the rest.
+    """
+    if post == "none":
+        return
+    if evalset.has_ground_truth:
+        per_query_target = Counter(evalset.query_targets())
+        per_gallery_target = Counter(evalset.gallery_targets())
+        shared = [t for t, n in per_query_target.items() if n > 1]
+        multi = [t for t in per_query_target if per_gallery_target.get(t, 0) > 1]
+        if shared or multi:
+            problems = []
+            if shared:
+                problems.append(f"{len(shared)} targets are shared by several queries (up to "
+                                f"{max(per_query_target.values())}, e.g. {shared[0]!r})")
+            if multi:
+                problems.append(f"{len(multi)} targets have several gallery images (e.g. {multi[0]!r})")
+            raise TpasError(f"{evalset.name}: post-processing '{post}' assumes that each gallery image answers at "
+                            f"most one query, but its ground truth says otherwise: {'; '.join(problems)}. "
+                            "Evaluate it without --post.")
+    n_queries, n_gallery = len(evalset.queries), len(evalset.gallery)
+    if not assume_one_to_one and n_gallery >= DISTRACTOR_RATIO * n_queries:
+        log.warning("%s: %d gallery images for %d queries: most images answer no query; post-processing '%s' "
+                    "assumes each answers at most one (pass --assume-one-to-one if the protocol says so)",
+                    evalset.name, n_gallery, n_queries, post)
 
 
 def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None = None, itm_mode: str = "logit",
              post: str = "none", post_options: dict[str, Any] | None = None, out_dir: str | Path | None = None,
              index_dir: str | Path | None = None, ranking: Ranking | None = None, batch_size: int = 64, workers: int = 0,
-             report_queries: int = 24, progress: bool = True) -> EvalResult:
+             report_queries: int = 24, assume_one_to_one: bool = False, progress: bool = True) -> EvalResult:
     """Evaluate ``model`` on ``evalset``; with ``out_dir``, write ``metrics.json``, ``report.html``
     (and ``answer.txt``) there.
 
     ``rerank`` = ITC top-k re-scored by ITM (0 = ITC only), fused with ``weight`` (None = the
-    model's calibrated weight, else upstream's). ``post`` = none | sca | one_to_one | dual_softmax
-    (valid only when each gallery image answers at most one query; see
-    :mod:`tpas.search.postprocess`), with ``post_options``. The gallery index goes to ``index_dir``
-    (default ``out_dir/index``, reused when it matches; in memory when neither is given). ``ranking``: a ranking of this evalset made
-    earlier (by :func:`~tpas.search.ranking.rank_evalset`) to post-process and score again without
-    re-ranking; ``rerank`` and ``weight`` then come from it.
+    model's calibrated weight, else upstream's). ``post`` = none | sca | assign | one_to_one |
+    dual_softmax (valid only when each gallery image answers at most one query: see
+    :func:`check_one_to_one` and :mod:`tpas.search.postprocess`), with ``post_options`` (SCA's
+    threshold defaults to the model's ``config.sca_threshold``); ``assume_one_to_one`` silences
+    the warning for a gallery much larger than the query set. The gallery index goes to
+    ``index_dir`` (default ``out_dir/index``, reused when it matches; in memory when neither is
+    given). ``ranking``: a ranking of this evalset made earlier (by
+    :func:`~tpas.search.ranking.rank_evalset`, or a fusion) to post-process and score again
+    without re-ranking; ``rerank`` and ``weight`` then come from it (``model`` may be None).
     """
     if post not in POST_METHODS:
         raise ValueError(f"unknown post-processing {post!r}; choose from {POST_METHODS}")
+    check_one_to_one(evalset, post, assume_one_to_one)
+    post_options = resolve_post_options(model, post, post_options)
     out = Path(out_dir) if out_dir is not None else None
     timings: dict[str, float] = {}
 
@@ -89,25 +138,27 @@ def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None =
                                batch_size=batch_size, workers=workers, progress=progress)
     timings["rank_s"] = time.perf_counter() - t0
 
-    # 2. post-process
+    # 2. post-process (on the ranking's raw scores; a new ranking, the given one stays intact)
     t0 = time.perf_counter()
-    scores = ranking.score_matrix()
     sample = sample_queries(evalset, report_queries)
-    shown = scores[sample].copy()  # the report shows similarity scores, not post-processing's order-only values
+    scores = ranking.score_matrix()
+    shown = scores[sample]  # the report shows similarity scores, not post-processing's order
     if post != "none":
-        scores = postprocess(scores, post, ranking.text_embeds, **(post_options or {}))
+        del scores  # one [Q,G] matrix at a time
+        scores = postprocess(ranking, post, **post_options).score_matrix()
     timings["post_s"] = time.perf_counter() - t0
 
     # 3. score
     result = EvalResult(settings={
-        "model_family": getattr(model, "family", type(model).__name__), "eval_set": evalset.name,
+        "model_family": None if model is None else getattr(model, "family", type(model).__name__),
+        "eval_set": evalset.name,
         "queries": len(evalset.queries), "gallery": len(evalset.gallery), "rerank": ranking.rerank,
-        "itm": itm_mode if ranking.rerank else None, "fusion_weight": ranking.weight, "post": post,
-        "post_options": dict(post_options or {})})
+        "itm": itm_mode if ranking.rerank else None, "fusion_weight": ranking.weight, "scorer": ranking.scorer,
+        "post": post, "post_options": post_options})
     if evalset.has_ground_truth:
         t0 = time.perf_counter()
         result.metrics = evaluate(scores, evalset.query_targets(), evalset.gallery_targets(),
-                                  query_groups=_groups(evalset))
+                                  query_groups=_groups(evalset), ap_ks=AP_KS)
         timings["metrics_s"] = time.perf_counter() - t0
     else:
         log.info("%s has no ground truth: no metrics", evalset.name)
@@ -136,6 +187,10 @@ def _write_outputs(out: Path, result: EvalResult, evalset: EvalSet, scores: np.n
         log.warning("gallery has %d images: answer.txt needs %d per query; not written", len(evalset.gallery), TOP)
     elif is_challenge(evalset):
         result.outputs["answer"] = str(_write_answer(out / "answer.txt", evalset, top_rows, result))
+        if is_track4(evalset):
+            from tpas.data.submission import zip_answer
+
+            result.outputs["answer_zip"] = str(zip_answer(out / "answer.txt", out / "answer.zip"))
     found = _first_positives(scores, evalset, sample)
     rows = [ReportRow(q, top_rows[q], shown[i, top_rows[q]], rank, order_scores=scores[q, top_rows[q]],
                       positive_row=row, positive_score=None if row is None else float(shown[i, row]))
@@ -191,6 +246,6 @@ def _write_answer(path: Path, evalset: EvalSet, top_rows: np.ndarray, result: Ev
     if evalset.has_ground_truth:
         targets = {g.image_id: g.target for g in evalset.gallery}
         result.answer_metrics = evaluate_rankings(rankings, evalset.query_targets(), targets,
-                                                  query_groups=_groups(evalset))
+                                                  query_groups=_groups(evalset), ap_ks=AP_KS)
     log.info("wrote %s (%d queries)", path, len(rankings))
     return path

@@ -55,6 +55,9 @@ class ModelConfig:
     # ITC weight in the re-rank fusion minmax(ITM) + w * minmax(ITC), picked on the validation split
     # by training (tpas.search.rerank.calibrate_weight); None = upstream's 0.002
     rerank_weight: float | None = None
+    # SCA's text-similarity threshold (cosine of text embeddings), picked on the validation split
+    # (tpas.search.calibrate.calibrate_sca_threshold); None = tpas.search.postprocess's default
+    sca_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

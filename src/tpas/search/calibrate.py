@@ -1,4 +1,7 @@
-"""Pick the re-rank fusion weight of a model on a validation split (never the test set).
+"""Pick a model's re-rank fusion weight and its query-set post-processing settings on a validation
+split (never the test set).
+
+**Fusion weight.**
 
 The upstream fusion ``minmax(ITM) + 0.002 * minmax(ITC)`` lets ITM decide the order of the ITC
 top-k. That is right for a fusion encoder trained as long as X-VLM's; after a short schedule
@@ -7,6 +10,12 @@ Training therefore ranks the validation queries once (ITC top-k, ITM on all of t
 grid of weights (:data:`WEIGHT_GRID`) on those raw scores and stores the best in
 ``model.config.rerank_weight``, which :func:`tpas.search.ranking.resolve_weight` then uses wherever
 no weight is given.
+
+**Post-processing.** SCA's text-similarity gate (:data:`THRESHOLD_GRID`), its margin ``tau`` and the
+assignment's slack price are chosen the same way: post-process a validation ranking with each
+value and keep the best R@1 (:func:`calibrate_post`; :func:`calibrate_sca_threshold` for the
+threshold, stored as ``model.config.sca_threshold``; :func:`calibrate_sca_on_evalset` ranks a
+split first). Ties go to the most conservative value, the one that moves fewest queries.
 """
 
 from __future__ import annotations
@@ -17,14 +26,18 @@ from collections.abc import Sequence
 import numpy as np
 
 from tpas.data.records import EvalSet
-from tpas.search.ranking import fuse, rank_evalset
+from tpas.search.postprocess import NO_GATE, postprocess
+from tpas.search.ranking import Ranking, fuse, rank_evalset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WEIGHT_GRID", "calibrate_on_evalset", "calibrate_weight"]
+__all__ = ["THRESHOLD_GRID", "WEIGHT_GRID", "calibrate_on_evalset", "calibrate_post", "calibrate_sca_on_evalset",
+           "calibrate_sca_threshold", "calibrate_weight", "top1_recall"]
 
 # ITC weights tried by calibrate_weight: from upstream's 0.002 (ITM decides) to 100 (ITC decides, ITM breaks ties)
 WEIGHT_GRID = (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+# SCA's text-cosine thresholds tried by calibrate_sca_threshold: from "every pair" (-1) to near-duplicates only
+THRESHOLD_GRID = (NO_GATE, 0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 
 def calibrate_weight(itm: np.ndarray, itc: np.ndarray, positives: np.ndarray,
@@ -64,3 +77,56 @@ def calibrate_on_evalset(model, evalset: EvalSet, k: int = 16, grid: Sequence[fl
     log.info("re-rank fusion weight %g (top-%d R@1 per weight: %s)", weight, k,
              ", ".join(f"{w:g}: {r:.1f}" for w, r in table.items()))
     return weight, table
+
+
+def top1_recall(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence) -> float:
+    """R@1 in percent of a ranking's first listed rows (what post-processing changes)."""
+    gallery = np.asarray(gallery_targets, dtype=object)
+    first = ranking.rows[:, 0]
+    hits = (first >= 0) & (gallery[np.maximum(first, 0)] == np.asarray(query_targets, dtype=object))
+    return float(hits.mean() * 100) if len(hits) else 0.0
+
+
+def calibrate_post(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence, method: str, option: str,
+                   grid: Sequence[float], conservative: str, **fixed) -> tuple[float, dict[float, float]]:
+    """The value of ``option`` in ``grid`` whose ``postprocess(ranking, method, option=value, **fixed)``
+    has the best R@1 on this (validation) ranking.
+
+    ``conservative`` ("max" or "min") says which end of the grid moves fewest queries (SCA's
+    threshold and tau: "max"; the assignment's slack price: "min"); ties go there. Returns
+    (chosen value, {value: R@1 in percent}).
+    """
+    if conservative not in ("max", "min"):
+        raise ValueError(f"conservative must be 'max' or 'min', got {conservative!r}")
+    if not len(grid):
+        raise ValueError("calibrate_post: empty grid")
+    table = {float(v): top1_recall(postprocess(ranking, method, **{**fixed, option: v}), query_targets,
+                                   gallery_targets) for v in grid}
+    sign = 1 if conservative == "max" else -1
+    chosen = max(table, key=lambda v: (table[v], sign * v))
+    log.info("%s %s = %g on validation (R@1 per value: %s)", method, option, chosen,
+             ", ".join(f"{v:g}: {r:.1f}" for v, r in table.items()))
+    return chosen, table
+
+
+def calibrate_sca_threshold(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence,
+                            grid: Sequence[float] = THRESHOLD_GRID, **sca_options) -> tuple[float, dict[float, float]]:
+    """SCA's text-similarity threshold with the best validation R@1, and R@1 per threshold.
+
+    ``ranking``: the validation queries ranked as they will be evaluated (same re-rank depth and
+    fusion weight); targets as in :class:`~tpas.data.records.EvalSet`; ``sca_options`` (``rule``,
+    ``tau``, ``max_passes``) are held fixed. Store the result as ``model.config.sca_threshold``.
+    """
+    return calibrate_post(ranking, query_targets, gallery_targets, "sca", "threshold", grid, "max", **sca_options)
+
+
+def calibrate_sca_on_evalset(model, evalset: EvalSet, rerank: int = 16, grid: Sequence[float] = THRESHOLD_GRID,
+                             batch_size: int = 64, progress: bool = False, **sca_options
+                             ) -> tuple[float, dict[float, float]]:
+    """Rank ``evalset`` (a validation split) with ``model`` at re-rank depth ``rerank`` (its stored
+    fusion weight) and pick SCA's threshold on it (:func:`calibrate_sca_threshold`)."""
+    if not evalset.has_ground_truth or not evalset.queries:
+        raise ValueError(f"{evalset.name}: calibration needs queries with ground truth")
+    ranking = rank_evalset(model, evalset, rerank=rerank, depth=max(rerank, 10), batch_size=batch_size,
+                           progress=progress)
+    return calibrate_sca_threshold(ranking, evalset.query_targets(), evalset.gallery_targets(), grid, **sca_options)

@@ -31,7 +31,8 @@ from tpas.search.rerank import itm_scores
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_WEIGHT", "Ranking", "fuse", "minmax", "rank", "rank_evalset", "resolve_weight", "top_k"]
+__all__ = ["DEFAULT_WEIGHT", "Ranking", "fuse", "minmax", "rank", "rank_evalset", "ranking_from_scores",
+           "resolve_weight", "top_k"]
 
 DEFAULT_WEIGHT = 0.002  # upstream X-VLM's ITC weight in the fusion
 TOP_K_CELLS = 1 << 23  # score cells per chunk in top_k (~8M: some 100 MB of temporaries)
@@ -95,7 +96,11 @@ class Ranking:
     ``itm`` [Q,D] float32 raw ITM score of the re-ranked head, NaN below it;
     ``score`` [Q,D] float32 the value that orders the list: the fused score in the head
     (``[0, 1 + weight]``), ``itc - max(itc) - 1`` below it (so the tail sorts under the head);
-    ``itc_scores`` [Q,G] ITC against the whole gallery, when asked for (``keep_scores``).
+    ``itc_scores`` [Q,G] ITC against the whole gallery, when asked for (``keep_scores``);
+    ``scorer``: what ``itc``/``itc_scores`` hold: ``"itc"`` for a model's ranking, the fusion's name
+    (``"rrf"``, ``"minmax"``) for a ranking built from several systems (:mod:`tpas.search.fusion`);
+    ``post``: the query-set post-processing that re-ordered it (:mod:`tpas.search.postprocess`;
+    its re-ordered rows carry order-only ``score`` values, their raw ``itc``/``itm`` unchanged).
     """
 
     rows: np.ndarray
@@ -106,6 +111,8 @@ class Ranking:
     rerank: int
     weight: float | None
     itc_scores: np.ndarray | None = None
+    scorer: str = "itc"
+    post: str = "none"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -120,14 +127,39 @@ class Ranking:
 
         The re-ranked head carries its fused values; every other gallery item ``itc - max - 1``
         (it ranks below the head, in ITC order). Without re-ranking it is the ITC matrix itself.
+        Every listed row carries its ``score``, so a post-processed order (which may lift a row
+        from below the head) is what the matrix sorts to.
         """
         if self.itc_scores is None:
             raise ValueError("this ranking was made without keep_scores=True: no full score matrix")
         if self.head == 0:
-            return self.itc_scores.copy()
-        out = self.itc_scores - self.itc_scores.max(axis=1, keepdims=True) - 1.0
-        np.put_along_axis(out, self.rows[:, :self.head], self.score[:, :self.head], axis=1)
+            out = self.itc_scores.copy()
+        else:
+            out = self.itc_scores - self.itc_scores.max(axis=1, keepdims=True) - 1.0
+        listed = self.rows >= 0
+        q_idx = np.broadcast_to(np.arange(len(self.rows))[:, None], self.rows.shape)
+        out[q_idx[listed], self.rows[listed]] = self.score[listed]
         return out
+
+
+def ranking_from_scores(scores: np.ndarray, *, depth: int = 10, text_embeds: np.ndarray | None = None,
+                        scorer: str = "itc") -> Ranking:
+    """A :class:`Ranking` of a [Q,G] matrix holding one raw score per pair (no re-ranking).
+
+    For score matrices made elsewhere: a fusion of several systems (``scorer`` names it), an
+    external system's ``.npy``, a test. ``text_embeds`` [Q,E] feed SCA's similarity gate (none: [Q,0]).
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be a [queries, gallery] matrix, got shape {scores.shape}")
+    rows, values = top_k(scores, max(1, depth))
+    q = len(scores)
+    embeds = np.zeros((q, 0), np.float32) if text_embeds is None else np.asarray(text_embeds, np.float32)
+    if len(embeds) != q:
+        raise ValueError(f"{len(embeds)} text embeddings for {q} queries")
+    return Ranking(rows=rows, itc=values.astype(np.float32), itm=np.full(rows.shape, np.nan, np.float32),
+                   score=values.astype(np.float32), text_embeds=embeds, rerank=0, weight=None,
+                   itc_scores=scores, scorer=scorer)
 
 
 # -- the path ------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from .scenes import OOD_SCENES, SCENES
 log = logging.getLogger(__name__)
 
 VERSION = "minipab-1"
-SPLIT_CODES = {"train": 0, "test": 1, "ood": 2, "challenge": 3}
+SPLIT_CODES = {"train": 0, "test": 1, "ood": 2, "challenge": 3, "distractor": 4, "track4": 5}
 PAIRS_PER_FILE = 200  # identities per pair_k.json (PAB spreads ~1M pairs over 75 files)
 MAX_FILES = 75
 CHUNK = 16  # identities a worker renders per task
@@ -41,7 +41,9 @@ PARTIAL = ".minipab-partial"  # present while a run is under way; lets a re-run 
 # actions that would look out of place in a scene (nobody rides a bicycle in a lobby)
 UNLIKELY = {"indoor hall": ("riding a bicycle", "climbing a fence", "kicking a ball"),
             "beach": ("riding a bicycle", "climbing a fence", "slipping")}
-OWNED = ("annotation", "train", "test", "ucc", "challenge", "preview.png", MANIFEST, PARTIAL)
+OWNED = ("annotation", "train", "test", "ucc", "challenge", "track4", "preview.png", MANIFEST, PARTIAL)
+NAME_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"  # Track 4 names: 15 of these, like the real set's
+NAME_LENGTH = 15
 
 
 @dataclass
@@ -59,6 +61,7 @@ class SynthSummary:
     seconds: float
     preview: Path | None = None
     files: dict[str, str] = field(default_factory=dict)
+    distractor_identities: int = 0  # people only in the Track 4 gallery (track4/)
 
     @property
     def images_per_second(self) -> float:
@@ -263,18 +266,67 @@ def _write_challenge(out: Path, seed: int, rows: list[dict]) -> int:
     return len(queries)
 
 
+def _random_names(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
+    """``n`` new random 15-character names (uppercase letters and digits), none in ``taken``."""
+    names: list[str] = []
+    while len(names) < n:
+        name = "".join(NAME_CHARS[i] for i in rng.integers(len(NAME_CHARS), size=NAME_LENGTH))
+        if name not in taken:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def _write_track4(out: Path, seed: int, rows: list[dict], distractors: int, size, workers: int) -> int:
+    """An AICity'26 Track 4-style masked set of the test split plus ``distractors`` people in no query.
+
+    Every test caption becomes a query under a random name (``query_index.txt``, shuffled, and
+    ``query_text.json``); the gallery holds the test images and both images of each distractor
+    identity (new people, test style, their own seeds, so the test split is untouched), all under
+    random names; ``answer_key.json`` maps each query name to its image.
+    """
+    folder = out / "track4"
+    gallery = folder / "gallery"
+    gallery.mkdir(parents=True, exist_ok=True)
+    rng = _rng(seed, "track4", 0, 0)
+    taken: set[str] = set()
+    image_names = _random_names(rng, len(rows) + 2 * distractors, taken)
+    queries = []
+    for name, row in zip(image_names, rows):
+        shutil.copyfile(out / row["image"], gallery / f"{name}.jpg")
+        behaviour = "normal" if "normal" in row else "anomaly"
+        queries.extend((caption, name, behaviour) for caption in row["caption"])
+    extra = image_names[len(rows):]
+    jobs = [_Job(seed, "distractor", i, (f"track4/gallery/{extra[2 * i]}.jpg",
+                                         f"track4/gallery/{extra[2 * i + 1]}.jpg"), size, str(out))
+            for i in range(distractors)]
+    _run(jobs, workers, "mini-PAB distractors")
+    query_names = _random_names(rng, len(queries), taken)
+    order = rng.permutation(len(queries))
+    with atomic_open(folder / "query_index.txt") as fh:
+        fh.write("".join(name + "\n" for name in query_names))
+    write_json(folder / "query_text.json", {query_names[q]: queries[i][0] for q, i in enumerate(order)})
+    _jsonl(folder / "answer_key.json", [{"query_id": query_names[q], "image_id": queries[i][1],
+                                         "behaviour": queries[i][2]} for q, i in enumerate(order)])
+    return len(queries)
+
+
 def generate(out: str | os.PathLike, identities: int, seed: int = 0, size: tuple[int, int] = (256, 128),
              workers: int = 1, ood: bool = False, preview: bool = False, test_fraction: float = 0.2,
-             test_captions: int = 1) -> SynthSummary:
+             test_captions: int = 1, distractors: int = 0) -> SynthSummary:
     """Write a mini-PAB dataset with ``identities`` people (train + disjoint test) under ``out``.
 
     ``size`` is (height, width). ``ood`` adds a UCC-like split (other scenes, far camera) with as
     many identities as the test split. ``preview`` writes ``preview.png``, a contact sheet.
     ``test_captions``: each test/UCC image gets 1 to this many captions (1 = one query per gallery
-    image, as PAB's test pairs; the setting SCA and its relatives assume).
+    image, as PAB's test pairs; the setting SCA and its relatives assume). ``distractors`` > 0 also
+    writes ``track4/``, an AICity'26 Track 4-style masked copy of the test split whose gallery adds
+    both images of that many new people who are in no query (every other file is the same either way).
     """
     if test_captions < 1:
         raise TpasError(f"test_captions must be >= 1, got {test_captions}")
+    if distractors < 0:
+        raise TpasError(f"distractors must be >= 0, got {distractors}")
     out = Path(out)
     size = (int(size[0]), int(size[1]))
     if size[0] < 32 or size[1] < 16:
@@ -289,20 +341,27 @@ def generate(out: str | os.PathLike, identities: int, seed: int = 0, size: tuple
     if ood:
         _write_eval(out, seed, "ood", n_ood, size, workers, test_captions)
     n_queries = _write_challenge(out, seed, test_rows)
+    if distractors:
+        _write_track4(out, seed, test_rows, distractors, size, workers)
     seconds = time.perf_counter() - start
-    images = 2 * (n_train + n_test + n_ood)
+    images = 2 * (n_train + n_test + n_ood + distractors)
     files = {"train": f"annotation/train/pair_{{0..{n_files - 1}}}.json", "test": "annotation/test/attr.json",
              "challenge": "challenge/query.json", "answer_key": "challenge/answer_key.json"}
     if ood:
         files["ucc"] = "annotation/test/ucc.json"
-    summary = SynthSummary(out, seed, size, n_train, n_test, n_ood, images, n_queries, seconds, files=files)
+    if distractors:
+        files["track4"] = "track4/query_index.txt"
+        files["track4_key"] = "track4/answer_key.json"
+    summary = SynthSummary(out, seed, size, n_train, n_test, n_ood, images, n_queries, seconds, files=files,
+                           distractor_identities=distractors)
     if preview:
         from .preview import contact_sheet
 
         summary.preview = contact_sheet(out, out / "preview.png")
     write_json(out / MANIFEST, {
         "generator": VERSION, "seed": seed, "size": list(size),
-        "identities": {"train": n_train, "test": n_test, "ucc": n_ood},
+        "identities": {"train": n_train, "test": n_test, "ucc": n_ood,
+                       **({"distractor": distractors} if distractors else {})},
         "images": images, "test_queries": n_queries, "test_captions_per_image": [1, test_captions], "files": files,
         "actions": {"normal": list(NORMAL_ACTIONS), "anomaly": list(ANOMALY_ACTIONS)},
         "scenes": list(SCENES), "ood_scenes": list(OOD_SCENES) if ood else [],
