@@ -11,12 +11,12 @@ import logging
 import sys
 
 from tpas import __version__
-from tpas.commands import data, demo, evaluate, models, search, serve, synth, train
+from tpas.commands import data, demo, evaluate, models, search, select, serve, synth, train
 from tpas.errors import TpasError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (data, synth, train, search, evaluate, serve, demo, models)  # in help order
+COMMANDS = (data, synth, select, train, search, evaluate, serve, demo, models)  # in help order
 
 
 def build_parser() -> argparse.ArgumentParser:
