@@ -212,6 +212,12 @@ def test_pab_subset_folder_is_a_pab_root(minipab, tmp_path):
     assert (tmp_path / "subset" / subset[0].image).is_file() and (tmp_path / "subset" / subset[0].hard_image).is_file()
     with pytest.raises(TpasError, match="must not be the dataset root"):
         write_pab_subset(minipab, minipab, ids)
+    other = tmp_path / "other-dataset"
+    (other / "annotation" / "train").mkdir(parents=True)
+    (other / "annotation" / "train" / "pair_0.json").write_text("{}\n")
+    with pytest.raises(TpasError, match="holds a dataset"):  # never wipes someone's annotation files
+        write_pab_subset(minipab, other, ids)
+    assert (other / "annotation" / "train" / "pair_0.json").read_text() == "{}\n"
 
 
 # -- model embeddings ------------------------------------------------------------------------------

@@ -335,11 +335,8 @@ def select_training_pairs(pairs: Sequence[ImageText], spec: str, seed: int) -> l
 
 # -- the PAB-format subset folder ----------------------------------------------------------------
 def _link(target: Path, link: Path) -> None:
-    if link.is_symlink() or link.is_file():
+    if link.is_symlink():
         link.unlink()
-    elif link.exists():
-        raise TpasError(f"{link} exists and is not a link; choose an empty --out folder")
-    link.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(target, link, target_is_directory=True)
 
 
@@ -348,12 +345,15 @@ def write_pab_subset(root: str | os.PathLike, out: str | os.PathLike, image_ids:
     ``out/annotation/train`` and link ``out/train`` and ``out/annotation/test`` to ``root``'s, so
     ``out`` is a PAB root of its own. Returns the number of lines written."""
     root, out = Path(root).resolve(), Path(out).resolve()
+    folder = out / "annotation" / "train"
     if out == root or out.is_relative_to(root / "annotation"):
         raise TpasError(f"{out}: the subset folder must not be the dataset root or inside its annotation folder")
+    if any(folder.glob("*.json")) and not (out / SELECTION_FILE).is_file() or (
+            (out / "train").exists() and not (out / "train").is_symlink()):
+        raise TpasError(f"{out} holds a dataset, not an earlier selection; choose a new or empty --out folder")
     wanted = set(image_ids)
-    folder = out / "annotation" / "train"
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob("*.json"):
+    for stale in folder.glob("*.json"):  # an earlier selection's files
         stale.unlink()
     written = 0
     for path in train_files(root):
