@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from tpas import __version__
-from tpas.commands import data, demo, evaluate, fuse, models, search, serve, synth, train
+from tpas.commands import data, demo, evaluate, fuse, models, search, select, serve, synth, train
 from tpas.errors import TpasError
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (data, synth, train, search, evaluate, fuse, serve, demo, models)  # in help order
+COMMANDS = (data, synth, select, train, search, evaluate, fuse, serve, demo, models)  # in help order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -66,6 +66,10 @@ class DataSection:
     root: str = ""
     format: str = "pab"  # pab | cuhk | icfg | rstp
     max_pairs: int = 0  # >0: use a seeded random subset of the training pairs (quick runs)
+    # which training pairs (after the validation identities are carved out): "" = all; "random:F" or
+    # "balanced:F" (F a fraction <= 1 or a pair count, seeded by train.seed); or an id list written by
+    # `tpas select` (its ids.txt or folder). People stay whole; docs/selection.md
+    select: str = ""
     val_identities: float = 0.05  # identities carved out for validation: a fraction (<1) or a count
     val_max_queries: int = 1000  # cap on validation captions (their images form the gallery)
     workers: int = 0  # DataLoader worker processes

@@ -193,6 +193,10 @@ class Trainer:
             trainset = load_train(dcfg.root, dcfg.format, on_bad_image=dcfg.on_bad_image, check_images=True)
         trainset = subsample(trainset, dcfg.max_pairs, cfg.train.seed)
         train_pairs, val_pairs = split_by_identity(trainset.pairs, dcfg.val_identities, cfg.train.seed)
+        if dcfg.select:  # after the split: a selection never brings validation identities back
+            from tpas.data.select import select_training_pairs
+
+            train_pairs = select_training_pairs(train_pairs, dcfg.select, cfg.train.seed)
         self.root = Path(trainset.root)
         self.valset = validation_set(val_pairs, self.root, dcfg.val_max_queries) if val_pairs else None
         model = self.model
