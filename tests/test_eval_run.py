@@ -129,7 +129,10 @@ def test_a_ranking_is_reused_and_left_intact(model, tmp_path):
     plain = run_eval(model, evalset, ranking=ranking, progress=False)
     fresh = run_eval(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
     assert plain.metrics == fresh.metrics and post.settings["rerank"] == 4
-    assert post.metrics != plain.metrics
+    from tpas.search.postprocess import postprocess
+
+    assert post.settings["post"] == "dual_softmax"
+    assert not np.array_equal(postprocess(ranking, "dual_softmax").score_matrix(), before)  # it did change scores
 
 
 def test_model_carried_fusion_weight_is_used(model, tmp_path):
