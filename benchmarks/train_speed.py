@@ -10,6 +10,15 @@ the model + loss cost without image decoding; the data pipeline is measured by t
 
     .venv/bin/python benchmarks/train_speed.py                       # lite on CPU
     .venv/bin/python benchmarks/train_speed.py --gpu                 # xvlm-base bf16 on a GPU
+    .venv/bin/python benchmarks/train_speed.py --compare             # before vs after, side by side
+
+``--compare`` times the original lite step (``lite-v1``: the 2-layer random fusion over the
+stride-32 grid, pixels and ids encoded every step, top 2 text layers / 4 image blocks training,
+3 ITM pairs per sample) against the current one (``lite`` as ``configs/minipab-lite.yaml``
+trains it: frozen tower bottoms read from a feature cache, cached-path step, in-batch partner
+pairs) in one process, alternating a step of each so that load from other jobs on a shared
+machine hits both alike; it reports the median seconds per step of each. Neither side decodes
+JPEGs (the old trainer spent a data-worker core on that too, which favours "before").
 """
 
 from __future__ import annotations
@@ -24,11 +33,18 @@ from pathlib import Path
 
 import torch
 
-CAPTIONS = [
-    "A young man in a black jacket and blue jeans is walking along the sidewalk carrying a backpack.",
-    "A woman with long hair, wearing a red coat and white shoes, suddenly falls to the ground.",
-    "A man in a grey hoodie is climbing over the fence next to the parking lot at night.",
-    "An old man wearing a brown hat and dark trousers is standing still near the bus stop.",
+CAPTIONS = [  # mini-PAB-length captions (~55 WordPiece tokens): the fusion's cost grows with the length
+    "An individual dressed in a bright red long-sleeve top, royal blue trousers, white running shoes and a beige "
+    "cap is sitting on a bench in an indoor hall. The person is lanky with brown skin and chestnut hair pulled "
+    "back in a ponytail, with a bright green purse.",
+    "In this picture a lanky pedestrian with brown skin and chestnut hair tied in a ponytail is collapsing to the "
+    "ground inside a large hall, wearing a scarlet long-sleeve top, royal blue pants, white running shoes and a "
+    "beige baseball cap, carrying a bright green purse.",
+    "The image shows a dark-skinned pedestrian scaling a fence along an urban street. This pedestrian is "
+    "broad-shouldered, has a bald head and has on a violet shirt with long sleeves, bright green long pants, "
+    "open sandals and a bright red knitted hat, with eyeglasses.",
+    "A young man in a black jacket and blue jeans is walking along the sidewalk carrying a backpack, wearing "
+    "white sneakers and a grey cap; he has short black hair, light skin and a slim build, and no glasses.",
 ]
 
 
@@ -45,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-text-layers", type=int, default=None, help="lite: top text layers that train")
     p.add_argument("--train-image-blocks", type=int, default=None, help="lite: top image blocks that train")
     p.add_argument("--no-hard-pairs", action="store_true", help="skip the PAB hard-pair ITM negatives")
+    p.add_argument("--cached", action="store_true", help="train from cached frozen features (lite)")
+    p.add_argument("--compare", action="store_true", help="lite-v1 per-step encoding vs lite from the cache, "
+                   "interleaved (see the module doc)")
+    p.add_argument("--config", default="configs/minipab-lite.yaml", help="--compare: the 'after' config")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON/markdown result")
     return p.parse_args(argv)
 
@@ -68,8 +88,96 @@ def make_batch(model, batch: int, device, hard: bool) -> dict[str, torch.Tensor]
     return {k: v.to(device) for k, v in out.items()}
 
 
+def make_cached_batch(model, batch: int) -> dict[str, torch.Tensor]:
+    """What the trainer's CachedCollator yields: frozen features of random pixels and real captions,
+    with adjacent rows as each other's opposite-behaviour partner (grouped PAB batches)."""
+    from tpas.train.cache import IMAGE_PREFIX, TEXT_PREFIX
+
+    h, w = model.image_size
+    texts = [CAPTIONS[i % len(CAPTIONS)] + f" number {i}" for i in range(batch)]
+    ids, mask = model.tokenize(texts)
+    model.eval()
+    with torch.no_grad():
+        img = model.frozen_image_features(torch.randn(batch, 3, h, w))
+        txt = model.frozen_text_features(ids, mask)
+    out = {"attention_mask": mask, "labels": torch.arange(batch), "index": torch.arange(batch),
+           "partner": torch.arange(batch) ^ 1}
+    out.update({IMAGE_PREFIX + k: v.half().float() for k, v in img.items()})
+    out.update({TEXT_PREFIX + k: v.half().float() if v.is_floating_point() else v for k, v in txt.items()})
+    return out
+
+
+def compare(args) -> dict:
+    """Median s/step of the 'before' and 'after' train steps, interleaved step by step."""
+    from tpas.config import load_config
+    from tpas.models import create_model
+    from tpas.train.loop import TrainStep
+    from tpas.train.optim import build_optimizer
+
+    torch.set_num_threads(args.threads)
+    batch = args.batch or 32
+    cfg = load_config(args.config)
+    sides = {}
+    torch.manual_seed(0)
+    before = create_model("lite-v1")
+    before.set_trainable(2, 4)
+    sides["before"] = (before, TrainStep(before, type(cfg.loss)(itc=1.0, itm=1.0, itm_hard_pairs=False)),
+                       make_batch(before, batch, "cpu", hard=False),
+                       "lite-v1, pixels + ids every step, text 2 / image 4 blocks train, 3 ITM pairs per sample")
+    after = create_model(cfg.model.name, **cfg.model.options)
+    after.set_trainable(cfg.model.train_text_layers, cfg.model.train_image_blocks)
+    sides["after"] = (after, TrainStep(after, cfg.loss), make_cached_batch(after, batch),
+                      f"{cfg.model.name} from cached frozen features, text {cfg.model.train_text_layers} / image "
+                      f"{cfg.model.train_image_blocks} blocks train, ITM + partner pairs ({args.config})")
+    opts = {name: build_optimizer(m, 1e-4, 0.01) for name, (m, *_rest) in sides.items()}
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    cpu: dict[str, list[float]] = {name: [] for name in sides}  # process CPU seconds: robust to other jobs
+    for k in range(args.warmup + args.steps):
+        for name, (model, step_module, data, _) in sides.items():
+            step_module.train()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step_module(data)["loss"].backward()
+            opts[name].step()
+            opts[name].zero_grad(set_to_none=True)
+            if k >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    import statistics
+
+    rows = {}
+    for name, (model, _, _, what) in sides.items():
+        med = statistics.median(times[name])
+        cpu_med = statistics.median(cpu[name])
+        rows[name] = {"what": what, "seconds_per_step": round(med, 3), "samples_per_s": round(batch / med, 2),
+                      "cpu_seconds_per_step": round(cpu_med, 3),
+                      "all_seconds": [round(t, 3) for t in times[name]],
+                      "trainable_params_M": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 2)}
+    speedup = rows["before"]["seconds_per_step"] / rows["after"]["seconds_per_step"]
+    cpu_speedup = rows["before"]["cpu_seconds_per_step"] / rows["after"]["cpu_seconds_per_step"]
+    result = {"batch": batch, "threads": args.threads, "steps": args.steps, "speedup": round(speedup, 2),
+              "cpu_time_speedup": round(cpu_speedup, 2),
+              "rows": rows, "torch": torch.__version__, "load_average": [round(x, 2) for x in __import__("os").getloadavg()]}
+    lines = ["| step | what | trainable M | median s/step (batch %d) | samples/s | CPU s/step |" % batch,
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['what']} | {r['trainable_params_M']} | {r['seconds_per_step']} | "
+                     f"{r['samples_per_s']} | {r['cpu_seconds_per_step']} |")
+    table = "\n".join(lines) + f"\n\nspeed-up: **{speedup:.2f}x** wall, {cpu_speedup:.2f}x process CPU time " \
+                                f"({args.threads} threads, {args.steps} interleaved steps each, " \
+                                f"load average {result['load_average']})\n"
+    print(table)
+    from tpas.utils.io import save_results
+
+    cmd = " ".join(["benchmarks/train_speed.py", *sys.argv[1:]])
+    save_results(Path(args.out) / f"train_speed_compare_t{args.threads}", result,
+                 f"# Train step speed: before vs after\n\n`{cmd}`\n\n{table}")
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
     from tpas.config import LossSection
     from tpas.models import create_model
     from tpas.train.loop import TrainStep
@@ -96,7 +204,8 @@ def main(argv=None) -> dict:
     model.to(device)
     step_module = TrainStep(model, LossSection(itc=1.0, itm=1.0, itm_hard_pairs=not args.no_hard_pairs))
     opt = build_optimizer(model, 1e-4, 0.01)
-    data = make_batch(model, batch, device, hard=not args.no_hard_pairs)
+    data = make_cached_batch(model, batch) if args.cached else make_batch(model, batch, device,
+                                                                          hard=not args.no_hard_pairs)
     dtype = torch.bfloat16 if args.gpu else None
     step_module.train()
 

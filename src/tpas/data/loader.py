@@ -74,6 +74,23 @@ def validation_set(pairs: Sequence[ImageText], root: Path, max_queries: int = 0,
     return EvalSet(name=name, root=Path(root), queries=queries, gallery=list(gallery.values()))
 
 
+def partner_index(pairs: Sequence[ImageText]) -> list[int]:
+    """For each pair, the index of a pair showing its ``hard_image_id`` (PAB: the same person's
+    opposite-behaviour image), or -1. The ITM hard-pair term uses it within a batch."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        first.setdefault(p.image_id, i)
+    return [first.get(p.hard_image_id, -1) if p.hard_image_id is not None else -1 for p in pairs]
+
+
+def batch_partners(items: list[dict]) -> torch.Tensor:
+    """[B] position in the batch of each item's partner (its ``partner_index``), -1 if not in the batch."""
+    where: dict[int, int] = {}
+    for pos, it in enumerate(items):
+        where.setdefault(it["index"], pos)
+    return torch.tensor([where.get(it.get("partner_index", -1), -1) for it in items], dtype=torch.long)
+
+
 class PairDataset(Dataset):
     """One item per training pair: image tensor, caption, integer identity label, optional hard pair."""
 
@@ -89,6 +106,7 @@ class PairDataset(Dataset):
         self.epoch = 0
         self.hard_pairs = hard_pairs
         self.eda = eda
+        self.partners = partner_index(self.pairs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -110,7 +128,8 @@ class PairDataset(Dataset):
         if self.eda > 0 and rng.random() < self.eda:
             caption = eda(caption, rng)
         item = {"index": index, "image": self._image(pair.image, rng), "caption": caption,
-                "label": self.labels[pair.person_id], "hard_image": None, "hard_caption": None}
+                "label": self.labels[pair.person_id], "hard_image": None, "hard_caption": None,
+                "partner_index": self.partners[index]}
         if self.hard_pairs and pair.hard_image is not None and pair.hard_caption is not None:
             item["hard_image"] = self._image(pair.hard_image, rng)
             item["hard_caption"] = pair.hard_caption
@@ -140,6 +159,8 @@ class Collator:
             "input_ids": ids,
             "attention_mask": mask,
         }
+        if all("partner_index" in it for it in items):
+            batch["partner"] = batch_partners(items)
         hard = [i for i, it in enumerate(items) if it["hard_image"] is not None]
         batch["hard_rows"] = torch.tensor(hard, dtype=torch.long)
         if hard:
