@@ -354,8 +354,8 @@ def test_feature_cache_is_deterministic_saved_and_matches_fresh_features(tmp_pat
     root, pairs, model, transform = _cache_fixture(tmp_path)
     one = build_feature_cache(model, pairs, root, 2, seed=3, transform=transform, workers=0,
                               cache_dir=tmp_path / "c", progress=False)
-    files = list((tmp_path / "c").glob("feature-cache-*.pt"))
-    assert len(files) == 1
+    files = sorted(p.name[:18] for p in (tmp_path / "c").glob("feature-cache-*.pt"))
+    assert files == ["feature-cache-img-", "feature-cache-txt-"]
     two = build_feature_cache(model, pairs, root, 2, seed=3, transform=transform, workers=0, progress=False)
     for name in one.image:
         assert torch.equal(one.image[name], two.image[name])
@@ -411,7 +411,7 @@ def test_trainer_trains_from_the_cache_and_resume_reuses_it(tmp_path):
     steps = [r for r in records if "itm" in r]
     assert len(steps) == 6 and all(np.isfinite(r["loss"]) for r in steps)
     assert any("itm_hard_acc" in r for r in steps)  # partners met in grouped batches
-    assert len(list(out.glob("feature-cache-*.pt"))) == 1
+    assert len(list(out.glob("feature-cache-*.pt"))) == 2  # images, captions
     # resume: the cache is read back, not recomputed
     import tpas.train.cache as cache_mod
 

@@ -218,6 +218,9 @@ class LiteModel(RetrievalModel):
             raise ValueError(f"lite: itc_stripes must be >= 0, got {config.itc_stripes}")
         self.text_encoder = build_text_tower(config)
         self.image_encoder, image_width = build_image_tower(config)
+        # channels-last convolution weights: MobileNetV2's depthwise blocks run ~2x faster on CPUs
+        # (oneDNN); saved weights are made contiguous by save_pretrained, and loading copies into this layout
+        self.image_encoder.to(memory_format=torch.channels_last)
         blocks = list(self.image_encoder.children())
         shapes = _grid_after(blocks, tuple(config.image_size))
         self._coarse_grid = shapes[-1][1:]

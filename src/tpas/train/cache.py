@@ -15,8 +15,8 @@ stored as float16 in RAM (mini-PAB's 1,600 images x 4 views at 192x96 and 1,600 
 :class:`CachedCollator`) and runs only the trainable tops, so both cores compute. Epoch ``e``
 shows image ``i`` in view ``(e + offset_i) mod views``: every view once per ``views`` epochs.
 
-A cache is saved next to the run (``feature-cache-<key>.pt``, the key hashing everything it
-depends on) so that ``--resume`` does not recompute it. What a cache cannot do: per-step random
+A cache is saved next to the run (``feature-cache-img-<key>.pt`` and ``feature-cache-txt-<key>.pt``,
+each key hashing everything that side depends on) so that ``--resume`` does not recompute it. What a cache cannot do: per-step random
 augmentation beyond the fixed views, EDA (captions are fixed) and MLM (it masks the input ids);
 the trainer refuses those combinations with a one-line error.
 """
@@ -76,33 +76,44 @@ class _Views(Dataset):
         return self.transform(load_image(self.root / self.images[row]))
 
 
-def cache_key(model, pairs: Sequence[ImageText], views: int, seed: int, transform: TrainTransform) -> str:
-    """Hash of everything the cached numbers depend on: frozen weights, cut points, data, views, augmentation."""
-    h = hashlib.sha256()
-    meta = {"family": model.family, "image_size": list(model.image_size), "views": views, "seed": seed,
-            "image_cut": getattr(model, "_image_cut", None), "text_cut": getattr(model, "_text_cut", None),
-            "fusion_from": getattr(model, "_fusion_from", None), "fine": getattr(model, "_fine_block", None),
-            "fusion_depths": getattr(model, "_fusion_depths", None),
-            "max_text_len": model.config.max_text_len, "transform": _describe(transform)}
-    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-    for p in pairs:
-        h.update(f"{p.image}\t{p.caption}\n".encode())
-    for name, param in sorted(_frozen_state(model).items()):
+def _digest(meta: dict, lines: Sequence[str], state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for line in lines:
+        h.update(line.encode() + b"\n")
+    for name, param in sorted(state.items()):
         h.update(name.encode())
         h.update(f"{float(param.double().sum()):.10e}/{float(param.double().abs().sum()):.10e}".encode())
     return h.hexdigest()[:16]
 
 
-def _frozen_state(model) -> dict[str, torch.Tensor]:
-    """Weights and buffers of the frozen bottoms (what the cached numbers are computed with)."""
+def image_cache_key(model, images: Sequence[str], views: int, seed: int, transform: TrainTransform) -> str:
+    """Hash of what cached image features depend on: frozen blocks, cut, input size, images, views, augmentation."""
+    fine = getattr(model, "_fine_block", None)
+    meta = {"family": model.family, "image_size": list(model.image_size), "views": views, "seed": seed,
+            "image_cut": model._image_cut, "fine_cached": fine is not None and fine < model._image_cut - 1,
+            "transform": _describe(transform)}
+    return _digest(meta, images, _frozen_state(model, "image"))
+
+
+def text_cache_key(model, texts: Sequence[str]) -> str:
+    """Hash of what cached text features depend on: frozen layers, cut, fusion depths, captions."""
+    meta = {"family": model.family, "text_cut": model._text_cut, "fusion_depths": model._fusion_depths,
+            "max_text_len": model.config.max_text_len}
+    return _digest(meta, texts, _frozen_state(model, "text"))
+
+
+def _frozen_state(model, tower: str) -> dict[str, torch.Tensor]:
+    """Weights and buffers of a tower's frozen bottom (what its cached numbers are computed with)."""
     state = {}
-    blocks = list(model.image_encoder.children())
-    for i in range(model._image_cut):
-        state.update({f"image.{i}.{k}": v for k, v in blocks[i].state_dict().items()})
+    if tower == "image":
+        blocks = list(model.image_encoder.children())
+        for i in range(model._image_cut):
+            state.update({f"{i}.{k}": v for k, v in blocks[i].state_dict().items()})
+        return state
     if model._text_cut > 0:
-        state.update({f"text.emb.{k}": v for k, v in model.text_encoder.embeddings.state_dict().items()})
+        state.update({f"emb.{k}": v for k, v in model.text_encoder.embeddings.state_dict().items()})
     for i in range(model._text_cut):
-        state.update({f"text.{i}.{k}": v for k, v in model.text_encoder.encoder.layer[i].state_dict().items()})
+        state.update({f"{i}.{k}": v for k, v in model.text_encoder.encoder.layer[i].state_dict().items()})
     return state
 
 
@@ -110,59 +121,84 @@ def _describe(transform) -> dict:
     return {k: repr(v) for k, v in sorted(vars(transform).items()) if k != "rng"}
 
 
+def _load(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        log.info("feature cache: loaded %s", path)
+        return saved
+    except Exception as exc:  # a file cut short by a crash: recompute
+        log.warning("feature cache %s is unreadable (%s); recomputing", path, exc)
+        return None
+
+
+def _save(path: Path | None, data: dict) -> None:
+    if path is None:
+        return
+    from tpas.utils.io import atomic_save
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(path, lambda tmp: torch.save(data, tmp))
+
+
 @torch.no_grad()
 def build_feature_cache(model, pairs: Sequence[ImageText], root: str | Path, views: int, seed: int,
-                        transform: TrainTransform, batch_size: int = 64, workers: int = 2,
+                        transform: TrainTransform, batch_size: int = 32, workers: int = 2,
                         cache_dir: str | Path | None = None, progress: bool = True) -> FeatureCache:
-    """Compute (or load from ``cache_dir``) the frozen features of ``pairs``' images and captions."""
+    """Compute (or load from ``cache_dir``) the frozen features of ``pairs``' images and captions.
+
+    Images and captions are keyed and saved separately (``feature-cache-img-<key>.pt``,
+    ``feature-cache-txt-<key>.pt``), so runs that differ only on one side share the other.
+    """
     from tqdm.auto import tqdm
 
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
-    key = cache_key(model, pairs, views, seed, transform)
-    path = Path(cache_dir) / f"feature-cache-{key}.pt" if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            cache = FeatureCache(**saved)
-            log.info("feature cache: loaded %s (%.0f MB)", path, cache.nbytes / 2**20)
-            return cache
-        except Exception as exc:  # a cache cut short by a crash: recompute
-            log.warning("feature cache %s is unreadable (%s); recomputing", path, exc)
     images = sorted({p.image for p in pairs})
     texts = sorted({p.caption for p in pairs})
+    img_key, txt_key = image_cache_key(model, images, views, seed, transform), text_cache_key(model, texts)
+    folder = Path(cache_dir) if cache_dir is not None else None
+    img_path = folder / f"feature-cache-img-{img_key}.pt" if folder is not None else None
+    txt_path = folder / f"feature-cache-txt-{txt_key}.pt" if folder is not None else None
+    device = model.device
     was_training = model.training
     model.eval()
     try:
-        loader = DataLoader(_Views(root, images, views, seed, transform), batch_size=batch_size, shuffle=False,
-                            num_workers=workers, persistent_workers=False)
-        image_parts: dict[str, list[torch.Tensor]] = {}
-        device = model.device
-        with tqdm(total=len(images) * views, desc="cache image features", unit="view", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for pixels in loader:
-                for name, t in model.frozen_image_features(pixels.to(device)).items():
-                    image_parts.setdefault(name, []).append(t.to(torch.float16).cpu())
-                bar.update(len(pixels))
-        image = {n: torch.cat(ts).view(len(images), views, *ts[0].shape[1:]) for n, ts in image_parts.items()}
-        ids, mask = model.tokenize(texts)
-        text_parts: dict[str, list[torch.Tensor]] = {}
-        for s in tqdm(range(0, len(texts), 128), desc="cache text features", unit="batch", disable=not progress,
-                      dynamic_ncols=True):
-            feats = model.frozen_text_features(ids[s:s + 128].to(device), mask[s:s + 128].to(device))
-            for name, t in feats.items():
-                text_parts.setdefault(name, []).append(t.to(torch.float16 if t.is_floating_point() else t.dtype).cpu())
-        text = {n: torch.cat(ts) for n, ts in text_parts.items()}
+        image = _load(img_path)
+        if image is None:
+            loader = DataLoader(_Views(root, images, views, seed, transform), batch_size=batch_size, shuffle=False,
+                                num_workers=workers, persistent_workers=False)
+            parts: dict[str, list[torch.Tensor]] = {}
+            with tqdm(total=len(images) * views, desc="cache image features", unit="view", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                for pixels in loader:
+                    for name, t in model.frozen_image_features(pixels.to(device)).items():
+                        parts.setdefault(name, []).append(t.to(torch.float16).cpu())
+                    bar.update(len(pixels))
+            image = {n: torch.cat(ts).contiguous().view(len(images), views, *ts[0].shape[1:])
+                     for n, ts in parts.items()}
+            _save(img_path, image)
+        text = _load(txt_path)
+        if text is None:
+            ids, mask = model.tokenize(texts)
+            parts = {}
+            for s in tqdm(range(0, len(texts), 128), desc="cache text features", unit="batch",
+                          disable=not progress, dynamic_ncols=True):
+                feats = model.frozen_text_features(ids[s:s + 128].to(device), mask[s:s + 128].to(device))
+                for name, t in feats.items():
+                    parts.setdefault(name, []).append(t.to(torch.float16 if t.is_floating_point() else t.dtype).cpu())
+            text = {n: torch.cat(ts) for n, ts in parts.items()}
+            text["__mask__"] = mask
+            _save(txt_path, text)
     finally:
         model.train(was_training)
-    cache = FeatureCache(image=image, text=text, text_mask=mask, images=images, texts=texts, views=views, key=key)
+    text = dict(text)
+    mask = text.pop("__mask__")
+    cache = FeatureCache(image=image, text=text, text_mask=mask, images=images, texts=texts, views=views,
+                         key=f"{img_key}-{txt_key}")
     log.info("feature cache: %d images x %d views, %d captions, %.0f MB", len(images), views, len(texts),
              cache.nbytes / 2**20)
-    if path is not None:
-        from tpas.utils.io import atomic_save
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(path, lambda tmp: torch.save(vars(cache), tmp))
     return cache
 
 

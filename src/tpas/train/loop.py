@@ -256,7 +256,7 @@ class Trainer:
                                        flip=0.0, crop_scale=1.0, jitter=0.0, camera=None)
         start = time.perf_counter()
         cache = build_feature_cache(model, train_pairs, self.root, views, cfg.train.seed, transform,
-                                    batch_size=max(16, cfg.train.batch_size),
+                                    batch_size=32,
                                     workers=max(1, cfg.data.workers), cache_dir=self.cache_dir,
                                     progress=self.accelerator.is_main_process and cfg.train.progress)
         self.cache_seconds = time.perf_counter() - start
