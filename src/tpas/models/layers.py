@@ -153,13 +153,18 @@ class FusionStack(nn.Module):
     """``num_layers`` fusion layers; returns the fused text states [B,L,text_width]."""
 
     def __init__(self, num_layers: int, text_width: int, image_width: int, heads: int,
-                 mlp_ratio: float = 4.0, dropout: float = 0.1, cross_norm: bool = True):
+                 mlp_ratio: float = 4.0, dropout: float = 0.1, cross_norm: bool = True, pre_cross: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(
             FusionLayer(text_width, image_width, heads, mlp_ratio=mlp_ratio, dropout=dropout, cross_norm=cross_norm)
             for _ in range(num_layers)
         )
+        # pairs_cls only: a token-level cross-attention on every text position before the [CLS] layers
+        self.pre_cross = Attention(text_width, heads, kv_width=image_width, dropout=dropout) if pre_cross else None
+        self.drop = nn.Dropout(dropout)
         init_weights(self)
+        if self.pre_cross is not None:
+            nn.init.zeros_(self.pre_cross.out.weight)
 
     def forward(self, text: torch.Tensor, text_mask: torch.Tensor | None, image: torch.Tensor,
                 image_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,7 +220,10 @@ class FusionStack(nn.Module):
         x = None
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
-            if i == 0:  # the first self-attention has not seen the image: once per distinct text
+            if i == 0 and self.pre_cross is not None:  # every text position reads the image first
+                tokens = self._pre_cross(text_states[0], image, text_index, image_index)
+                x = layer.self_block(tokens, pair_mask, queries=1)
+            elif i == 0:  # the first self-attention has not seen the image: once per distinct text
                 first = text_states[0][:, :1]
                 x = layer.self_norm(first + layer.drop(att.attend(first, *att.keys_values(text_states[0]), mask)))
                 if text_index is not None:
@@ -231,6 +239,25 @@ class FusionStack(nn.Module):
                 k, v = gather_rows(k, image_index), gather_rows(v, image_index)
             x = layer.cross_ffn_block(x, (cross._split(k), cross._split(v)))
         return x
+
+    def _pre_cross(self, text, image, text_index, image_index) -> torch.Tensor:
+        return _pre_cross_impl(self, text, image, text_index, image_index)
+
+
+def _pre_cross_impl(stack: "FusionStack", text: torch.Tensor, image: torch.Tensor,
+                    text_index: torch.Tensor | None, image_index: torch.Tensor | None) -> torch.Tensor:
+    """[P,L,D] text states of the pairs plus their cross-attention over the pair's image tokens.
+    Queries are projected once per distinct text, keys/values once per distinct image."""
+    att = stack.pre_cross
+    q, k, v = att.query(text), att.key(image), att.value(image)
+    if text_index is not None:
+        text, q = gather_rows(text, text_index), gather_rows(q, text_index)
+    if image_index is not None:
+        k, v = gather_rows(k, image_index), gather_rows(v, image_index)
+    y = F.scaled_dot_product_attention(att._split(q), att._split(k), att._split(v),
+                                       dropout_p=att.dropout if att.training else 0.0)
+    b, h, n, dh = y.shape
+    return text + stack.drop(att.out(y.transpose(1, 2).reshape(b, n, h * dh)))
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

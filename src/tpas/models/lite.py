@@ -210,10 +210,12 @@ class LiteModel(RetrievalModel):
         if config.fusion_init == "text" and not 1 <= config.fusion_layers <= config.text_layers:
             raise ValueError(f"lite: fusion_init='text' copies 1..{config.text_layers} text layers, "
                              f"got fusion_layers={config.fusion_layers}")
-        if config.fusion_query not in ("all", "last_cls", "cls"):
-            raise ValueError(f"lite: fusion_query must be 'all', 'last_cls' or 'cls', got {config.fusion_query!r}")
-        if config.fusion_query == "cls" and config.fusion_init != "text":
-            raise ValueError("lite: fusion_query='cls' needs fusion_init='text' (it reads the text tower's states)")
+        if config.fusion_query not in ("all", "last_cls", "cls", "xattn"):
+            raise ValueError(f"lite: fusion_query must be 'all', 'last_cls', 'cls' or 'xattn', "
+                             f"got {config.fusion_query!r}")
+        if config.fusion_query in ("cls", "xattn") and config.fusion_init != "text":
+            raise ValueError(f"lite: fusion_query={config.fusion_query!r} needs fusion_init='text' "
+                             "(it reads the text tower's states)")
         if config.itc_stripes < 0:
             raise ValueError(f"lite: itc_stripes must be >= 0, got {config.itc_stripes}")
         self.text_encoder = build_text_tower(config)
@@ -248,7 +250,7 @@ class LiteModel(RetrievalModel):
             self._fusion_from = config.text_layers - config.fusion_layers
             self.fusion = FusionStack(config.fusion_layers, config.text_hidden, token_width, config.text_heads,
                                       mlp_ratio=config.text_intermediate / config.text_hidden, dropout=config.dropout,
-                                      cross_norm=False)
+                                      cross_norm=False, pre_cross=config.fusion_query == "xattn")
         else:
             self._fusion_from = config.text_layers
             self.fusion = FusionStack(config.fusion_layers, config.text_hidden, token_width, config.fusion_heads,
@@ -327,7 +329,7 @@ class LiteModel(RetrievalModel):
         projected once however many pairs it is in (``FusionStack.pairs``): training scores ~3
         pairs per sample at little more than the cost of the distinct texts.
         """
-        if self.config.fusion_query == "cls":
+        if self.config.fusion_query in ("cls", "xattn"):
             states = list(text_tokens.split(self.config.text_hidden, dim=-1))
             fused = self.fusion.pairs_cls(states, text_mask, image_tokens, text_index, image_index)
         else:
@@ -395,7 +397,7 @@ class LiteModel(RetrievalModel):
     @property
     def _fusion_depths(self) -> list[int]:
         """Text depths (layers run) whose states the fusion reads: one, or one per layer for "cls"."""
-        if self.config.fusion_query == "cls":
+        if self.config.fusion_query in ("cls", "xattn"):
             return list(range(self._fusion_from, self._fusion_from + self.config.fusion_layers))
         return [self._fusion_from]
 
