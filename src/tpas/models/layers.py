@@ -202,7 +202,8 @@ class FusionStack(nn.Module):
         return x
 
     def pairs_cls(self, text_states: list[torch.Tensor], text_mask: torch.Tensor, image: torch.Tensor,
-                  text_index: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> torch.Tensor:
+                  text_index: torch.Tensor | None = None, image_index: torch.Tensor | None = None,
+                  query: str = "cls") -> torch.Tensor:
         """[CLS]-query fusion of pairs: [P,1,D], only the [CLS] position ever sees the image.
 
         ``text_states[i]`` [T,L,D] is the text tower's own input to the layer layer ``i`` was
@@ -211,7 +212,9 @@ class FusionStack(nn.Module):
         (once per distinct image), then goes through the FFN: per pair only one position is
         computed, so a pair costs a few dot products over the text and image tokens instead of a
         full text-length pass per layer. With zero cross-attention outputs (the init) the fused
-        [CLS] is exactly the text tower's own [CLS] state.
+        [CLS] is exactly the text tower's own [CLS] state. ``query="mean"`` starts from the masked
+        mean of the first states instead: MiniLM's [CLS] state is almost the same vector for every
+        caption (it was trained with mean pooling), a query that cannot ask caption-specific things.
         """
         if len(text_states) != len(self.layers):
             raise ValueError(f"pairs_cls needs one text state per layer ({len(self.layers)}), got {len(text_states)}")
@@ -222,10 +225,12 @@ class FusionStack(nn.Module):
             att = layer.self_attn
             if i == 0 and self.pre_cross is not None:  # every text position reads the image first
                 tokens = self._pre_cross(text_states[0], image, text_index, image_index)
-                x = layer.self_block(tokens, pair_mask, queries=1)
+                first = tokens[:, :1] if query == "cls" else masked_mean(tokens, pair_mask)[:, None]
+                x = layer.self_norm(first + layer.drop(att.attend(first, *att.keys_values(tokens), pair_mask)))
             elif i == 0:  # the first self-attention has not seen the image: once per distinct text
-                first = text_states[0][:, :1]
-                x = layer.self_norm(first + layer.drop(att.attend(first, *att.keys_values(text_states[0]), mask)))
+                states = text_states[0]
+                first = states[:, :1] if query == "cls" else masked_mean(states, mask)[:, None]
+                x = layer.self_norm(first + layer.drop(att.attend(first, *att.keys_values(states), mask)))
                 if text_index is not None:
                     x = gather_rows(x, text_index)
             else:

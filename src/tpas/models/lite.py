@@ -90,6 +90,7 @@ class LiteConfig(ModelConfig):
     # which text positions the fusion computes: "all", "last_cls" (all but in the last layer only
     # [CLS]) or "cls" ([CLS] only, over the text tower's per-layer states; needs fusion_init="text")
     fusion_query: str = "all"
+    fusion_query_token: str = "cls"  # "cls"/"xattn": the query position starts as [CLS] or the masked mean
     # fusion image tokens: "s32" (pooled + stride-32 grid, tower width) or "s16" (pooled + stride-32
     # grid + the finer grid one stride below, projected to the text width, + learned positions)
     image_tokens: str = "s32"
@@ -100,6 +101,9 @@ class LiteConfig(ModelConfig):
     # training only: >0 = the trainer caches the frozen bottoms of both towers for this many
     # augmented views per training image (tpas.train.cache); 0 = encode every step
     train_cache_views: int = 0
+    # training only, with the cache: half of every batch is look-alike people (by their cached
+    # caption states), so ITC and ITM meet hard negatives (tpas.data.loader.ShardedBatchSampler)
+    train_similar_batches: bool = False
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -331,7 +335,8 @@ class LiteModel(RetrievalModel):
         """
         if self.config.fusion_query in ("cls", "xattn"):
             states = list(text_tokens.split(self.config.text_hidden, dim=-1))
-            fused = self.fusion.pairs_cls(states, text_mask, image_tokens, text_index, image_index)
+            fused = self.fusion.pairs_cls(states, text_mask, image_tokens, text_index, image_index,
+                                          query=self.config.fusion_query_token)
         else:
             fused = self.fusion.pairs(text_tokens, text_mask, image_tokens, text_index, image_index,
                                       last_cls_only=self.config.fusion_query == "last_cls")

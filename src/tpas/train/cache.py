@@ -226,6 +226,15 @@ class CachedPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def group_vectors(self, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+        """[n_groups, D] description vector per group of pairs: the mean of its captions' cached
+        (frozen) text states, for the look-alike batches of ``ShardedBatchSampler(similar=...)``."""
+        x, mask = self.cache.text["x"].float(), self.cache.text_mask.float()
+        if not x.is_floating_point() or x.dim() != 3:
+            raise ValueError("look-alike batches need cached text states (a frozen text bottom)")
+        per_text = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return torch.stack([per_text[[self.text_rows[i] for i in g]].mean(0) for g in groups])
+
     def __getitem__(self, index: int) -> dict:
         return {"index": index, "label": self.labels[self.pairs[index].person_id],
                 "image_row": self.image_rows[index], "view": (self.epoch + self.offsets[index]) % self.cache.views,

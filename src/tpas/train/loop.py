@@ -226,8 +226,11 @@ class Trainer:
                                        hard_pairs=hard, eda=dcfg.eda)
             collate, workers = Collator.for_model(model), dcfg.workers
         groups = identity_groups(train_pairs) if dcfg.group_batches else None
+        similar = None
+        if views > 0 and getattr(model.config, "train_similar_batches", False):  # half of each batch: look-alikes
+            similar = self.dataset.group_vectors(groups or [[i] for i in range(len(self.dataset))])
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.train.batch_size, self.world, self.rank,
-                                           cfg.train.seed, groups=groups)
+                                           cfg.train.seed, groups=groups, similar=similar)
         self.loader = build_train_loader(self.dataset, self.sampler, collate, workers)
         accum = max(1, cfg.train.grad_accum)
         self.steps_per_epoch = len(self.sampler) // accum
