@@ -35,8 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="mini-PAB root (tpas synth output)")
     p.add_argument("--name", help="row name")
-    p.add_argument("--config", default="configs/minipab-lite.yaml")
-    p.add_argument("--runs", default="/work/data/runs-lite", help="folder for run directories")
+    p.add_argument("--config", default="minipab-lite")
+    p.add_argument("--runs", default="runs/lite-ablation", help="folder for run directories")
     p.add_argument("--cache-dir", default=None, help="shared feature-cache folder (rows with the same frozen "
                    "bottoms, data and views reuse one cache; its build time is then not in the row)")
     p.add_argument("--rerank", type=int, default=16)

@@ -310,7 +310,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.loader:
-            handle_late_problems(batch.pop("bad_images"), self.on_bad_image)
+            handle_late_problems(batch.pop("bad_images", []), self.on_bad_image)  # cached batches decode nothing
             yield batch
 
 

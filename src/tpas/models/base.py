@@ -53,8 +53,12 @@ class ModelConfig:
     temp_max: float = 0.5
     vocab: str | None = None  # vocab.txt path; None = the BERT-uncased vocab shipped with the package
     # ITC weight in the re-rank fusion minmax(ITM) + w * minmax(ITC), picked on the validation split
-    # by training (tpas.search.rerank.calibrate_weight); None = upstream's 0.002
+    # by training (tpas.search.calibrate.calibrate_weight); None = upstream's 0.002
     rerank_weight: float | None = None
+    # the re-rank depth that weight was fitted at, and the validation R@1 points ITC -> ITM re-rank
+    # gained there (the server turns re-ranking on by default only when the gain is positive)
+    rerank_depth: int | None = None
+    rerank_gain: float | None = None
     # SCA's text-similarity threshold (cosine of text embeddings), picked on the validation split
     # (tpas.search.calibrate.calibrate_sca_threshold); None = tpas.search.postprocess's default
     sca_threshold: float | None = None

@@ -95,6 +95,10 @@ class LiteConfig(ModelConfig):
     # grid + the finer grid one stride below, projected to the text width, + learned positions)
     image_tokens: str = "s32"
     itc_stripes: int = 0  # >0: ITC image vector = global pool + this many horizontal stripe pools
+    # image_tokens="s16" only: the ITC vector also pools the stride-16 map (global + stripes). Its
+    # channels keep more of the colour that ImageNet's last blocks learned to ignore, and colour per
+    # body band is most of what tells two mini-PAB people apart (benchmarks/results/lite_ablation.md)
+    itc_fine: bool = False
     # what trains (-1 = all, 0 = frozen, k = top k layers / blocks); training may change it
     train_text_layers: int = -1
     train_image_blocks: int = -1
@@ -248,6 +252,11 @@ class LiteModel(RetrievalModel):
             n_tokens = 1 + self._coarse_grid[0] * self._coarse_grid[1] + fh * fw
             self.token_pos = nn.Parameter(torch.zeros(1, n_tokens, token_width))
             self.image_norm = nn.LayerNorm(token_width)
+            if config.itc_fine:
+                self.itc_fine_norm = nn.LayerNorm(fine_c)
+                itc_width += fine_c * (1 + config.itc_stripes)
+        if config.itc_fine and config.image_tokens != "s16":
+            raise ValueError("lite: itc_fine needs image_tokens='s16' (the stride-16 map)")
         self.vision_proj = ProjectionHead(itc_width, config.embed_dim, config.proj_hidden)
         self.text_proj = ProjectionHead(config.text_hidden, config.embed_dim, config.proj_hidden)
         if config.fusion_init == "text":
@@ -389,6 +398,9 @@ class LiteModel(RetrievalModel):
         itc = self.itc_norm(pooled)
         if cfg.itc_stripes:
             itc = torch.cat([itc, *(self.itc_norm(s) for s in self._stripes(x))], dim=-1)
+        if cfg.itc_fine:
+            bands = [fine.mean((2, 3)), *(self._stripes(fine) if cfg.itc_stripes else [])]
+            itc = torch.cat([itc, *(self.itc_fine_norm(b) for b in bands)], dim=-1)
         coarse = self.token_proj_coarse(torch.cat([pooled[:, None], grid], dim=1))
         fine_tokens = self.token_proj_fine(fine.flatten(2).transpose(1, 2))
         tokens = self.image_norm(torch.cat([coarse, fine_tokens], dim=1) + self.token_pos)

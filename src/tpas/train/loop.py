@@ -382,35 +382,61 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> Metrics | None:
-        """Retrieval metrics on the held-out training identities (main process only), through the same
-        path as ``tpas eval`` (:func:`tpas.eval.run.run_eval`), so validation and test figures agree
-        by construction."""
+        """Validation on the held-out training identities (main process only), through the same
+        path as ``tpas eval`` (:func:`tpas.eval.run.run_eval`), so validation and test figures agree.
+
+        Checkpoints are compared on what will be deployed: with ``val.calibrate_rerank`` = K > 0 (and
+        an ITM loss), the R@1 of ITC top-K re-ranked by ITM at the fusion weight that is best on this
+        split (:func:`tpas.search.calibrate.calibrate_on_evalset`); otherwise ITC R@1. The saved best
+        model carries that weight, K and the gain over ITC alone (``rerank_weight/depth/gain``).
+        """
         from tpas.eval.run import run_eval
+        from tpas.search.calibrate import calibrate_ranking
+        from tpas.search.ranking import rank_evalset, ranking_from_scores
 
         acc = self.accelerator
         metrics = None
         if acc.is_main_process and self.valset is not None:
+            model, k = self.unwrapped, self.config.val.calibrate_rerank
+            k = k if self.config.loss.itm > 0 else 0
             with torch.random.fork_rng(devices=[]):
-                metrics = run_eval(self.unwrapped, self.valset, progress=False).metrics
-            improved = metrics["R@1"] > self.state["best_r1"]
+                # one encoding of the split: its full ITC matrix scores ITC alone, its head the re-rank
+                ranking = rank_evalset(model, self.valset, rerank=k, depth=max(k, 10),
+                                       batch_size=self.config.val.batch_size, progress=False)
+                itc_only = ranking_from_scores(ranking.itc_scores, depth=10, text_embeds=ranking.text_embeds)
+                metrics = run_eval(model, self.valset, ranking=itc_only, progress=False).metrics
+                score, rerank = metrics["R@1"], None
+                if k > 0:
+                    weight, table = calibrate_ranking(ranking, self.valset)
+                    score = table[weight]
+                    rerank = {"depth": k, "weight": weight, "R@1": score, "gain": round(score - metrics["R@1"], 4),
+                              "r1_by_weight": {str(w): r for w, r in table.items()}}
+            improved = score > self.state["best_r1"]
             self._log({"step": self.state["step"], "epoch": self.state["epoch"], "val": metrics.to_dict(),
-                       "best": improved})
-            log.info("validation at step %d: R@1 %.2f R@5 %.2f mAP %.2f%s", self.state["step"], metrics["R@1"],
-                     metrics["R@5"], metrics["mAP"], " (best)" if improved else "")
+                       "val_rerank": rerank, "best": improved})
+            log.info("validation at step %d: ITC R@1 %.2f R@5 %.2f mAP %.2f%s%s", self.state["step"], metrics["R@1"],
+                     metrics["R@5"], metrics["mAP"],
+                     "" if rerank is None else f"; + ITM top-{k} R@1 {score:.2f} (weight {rerank['weight']:g})",
+                     " (best)" if improved else "")
             if improved:
-                self.state["best_r1"], self.state["best_step"] = metrics["R@1"], self.state["step"]
-                self._save_best(metrics)
+                self.state["best_r1"], self.state["best_step"] = score, self.state["step"]
+                config = model.config
+                if rerank is not None:
+                    config.rerank_weight, config.rerank_depth, config.rerank_gain = rerank["weight"], k, rerank["gain"]
+                self._save_best(metrics, rerank)
         acc.wait_for_everyone()
         return metrics
 
-    def _save_best(self, metrics: Metrics) -> None:
+    def _save_best(self, metrics: Metrics, rerank: dict | None = None) -> None:
         from tpas.utils.io import write_json
 
         tmp = self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
         self.unwrapped.save_pretrained(tmp)
-        write_json(tmp / "metrics.json", {"step": self.state["step"], "epoch": self.state["epoch"],
-                                          **metrics.to_dict()})
+        record = {"step": self.state["step"], "epoch": self.state["epoch"], **metrics.to_dict()}
+        if rerank is not None:
+            record["rerank_calibration"] = rerank
+        write_json(tmp / "metrics.json", record)
         _replace_dir(tmp, self.out / "best")
 
     # -- logging -------------------------------------------------------------------------------
@@ -480,8 +506,13 @@ class Trainer:
                 if t.grad_clip > 0:
                     grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
                 self.optimizer.step()
-                self._after_optimizer_step()
-                self.scheduler.step()
+                if getattr(acc, "optimizer_step_was_skipped", False):
+                    # the fp16 loss scaler found inf/nan gradients and skipped the update: the
+                    # schedule waits too (otherwise every skip silently shortens warm-up and decay)
+                    log.info("step %d: fp16 loss scaler skipped the update; lr schedule held", self.state["step"] + 1)
+                else:
+                    self._after_optimizer_step()
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] += 1
                 step = self.state["step"]
@@ -518,36 +549,41 @@ class Trainer:
                 log.warning("no validation ran (empty split or val.every<0): best/ is the last weights")
                 self._export(self.out / CHECKPOINTS / (self.out / CHECKPOINTS / LATEST).read_text().strip(),
                              self.out / "best")
-            self._calibrate_rerank()
+            self._calibrate_sca()
             if self.tb is not None:
                 self.tb.close()
         acc.wait_for_everyone()
         return self.out
 
-    def _calibrate_rerank(self) -> None:
-        """Store the validation-picked re-rank fusion weight in ``best/`` (see tpas.search.calibrate)."""
+    def _calibrate_sca(self) -> None:
+        """Store SCA's validation-picked text-similarity threshold in ``best/``
+        (:func:`tpas.search.calibrate.calibrate_sca_on_evalset`), on the ranking the model will serve:
+        ITM re-ranked at its validated depth when re-ranking gained on validation, else ITC."""
         from tpas.models import create_model
-        from tpas.search.calibrate import calibrate_on_evalset
+        from tpas.search.calibrate import calibrate_sca_on_evalset
         from tpas.utils.io import write_json
 
-        k, best = self.config.val.calibrate_rerank, self.out / "best"
-        if k <= 0 or self.valset is None or not (best / "config.json").is_file():
+        best = self.out / "best"
+        if self.valset is None or not (best / "config.json").is_file():
             return
         model = create_model(best, device=self.accelerator.device)
-        if model.config.rerank_weight is not None:
+        config = model.config
+        if config.sca_threshold is not None:
             return  # already calibrated (a resumed run that had finished)
+        depth = config.rerank_depth if config.rerank_depth and (config.rerank_gain or 0) > 0 else 0
         with torch.random.fork_rng(devices=[]):
-            weight, table = calibrate_on_evalset(model, self.valset, k=k, batch_size=self.config.val.batch_size)
-        model.config.rerank_weight = weight
+            threshold, table = calibrate_sca_on_evalset(model, self.valset, rerank=depth,
+                                                        batch_size=self.config.val.batch_size)
+        config.sca_threshold = threshold
         metrics_file = best / "metrics.json"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
         tmp = self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        write_json(tmp / "metrics.json", {**metrics, "rerank_calibration": {
-            "k": k, "weight": weight, "r1_by_weight": {str(w): r for w, r in table.items()}}})
+        record = {"rerank": depth, "threshold": threshold, "r1_by_threshold": {str(t): r for t, r in table.items()}}
+        write_json(tmp / "metrics.json", {**metrics, "sca_calibration": record})
         _replace_dir(tmp, best)
-        self._log({"step": self.state["step"], "rerank_weight": weight, "rerank_r1_by_weight": table})
+        self._log({"step": self.state["step"], "sca_calibration": record})
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
