@@ -99,6 +99,10 @@ class LiteConfig(ModelConfig):
     # channels keep more of the colour that ImageNet's last blocks learned to ignore, and colour per
     # body band is most of what tells two mini-PAB people apart (benchmarks/results/lite_ablation.md)
     itc_fine: bool = False
+    # image_tokens="s16" only: average-pool the stride-16 grid by this factor before it becomes
+    # fusion tokens (2: 12x6 -> 6x3 cells). The cross-attention's cost is per image token, and
+    # with frozen towers it is most of a training step (benchmarks/results/lite_ablation.md)
+    fine_pool: int = 1
     # what trains (-1 = all, 0 = frozen, k = top k layers / blocks); training may change it
     train_text_layers: int = -1
     train_image_blocks: int = -1
@@ -213,8 +217,10 @@ class LiteModel(RetrievalModel):
             raise ValueError(f"lite: text_pool must be 'mean' or 'cls', got {config.text_pool!r}")
         if config.fusion_init not in ("random", "text"):
             raise ValueError(f"lite: fusion_init must be 'random' or 'text', got {config.fusion_init!r}")
-        if config.image_tokens not in ("s32", "s16"):
-            raise ValueError(f"lite: image_tokens must be 's32' or 's16', got {config.image_tokens!r}")
+        if config.image_tokens not in ("s32", "s16", "bands"):
+            raise ValueError(f"lite: image_tokens must be 's32', 's16' or 'bands', got {config.image_tokens!r}")
+        if config.image_tokens == "bands" and config.itc_stripes < 1:
+            raise ValueError("lite: image_tokens='bands' needs itc_stripes >= 1 (the bands are its tokens)")
         if config.fusion_init == "text" and not 1 <= config.fusion_layers <= config.text_layers:
             raise ValueError(f"lite: fusion_init='text' copies 1..{config.text_layers} text layers, "
                              f"got fusion_layers={config.fusion_layers}")
@@ -249,13 +255,18 @@ class LiteModel(RetrievalModel):
             self.itc_norm = nn.LayerNorm(image_width)
             self.token_proj_coarse = nn.Linear(image_width, token_width)
             self.token_proj_fine = nn.Linear(fine_c, token_width)
+            if config.fine_pool < 1 or fh % config.fine_pool or fw % config.fine_pool:
+                raise ValueError(f"lite: fine_pool must divide the stride-16 grid {fh}x{fw}, got {config.fine_pool}")
+            fh, fw = fh // config.fine_pool, fw // config.fine_pool
             n_tokens = 1 + self._coarse_grid[0] * self._coarse_grid[1] + fh * fw
+            if config.image_tokens == "bands":  # global + band pools of both maps: 2 x (1 + stripes)
+                n_tokens = 2 * (1 + config.itc_stripes)
             self.token_pos = nn.Parameter(torch.zeros(1, n_tokens, token_width))
             self.image_norm = nn.LayerNorm(token_width)
             if config.itc_fine:
                 self.itc_fine_norm = nn.LayerNorm(fine_c)
                 itc_width += fine_c * (1 + config.itc_stripes)
-        if config.itc_fine and config.image_tokens != "s16":
+        if config.itc_fine and config.image_tokens == "s32":
             raise ValueError("lite: itc_fine needs image_tokens='s16' (the stride-16 map)")
         self.vision_proj = ProjectionHead(itc_width, config.embed_dim, config.proj_hidden)
         self.text_proj = ProjectionHead(config.text_hidden, config.embed_dim, config.proj_hidden)
@@ -268,7 +279,7 @@ class LiteModel(RetrievalModel):
             self._fusion_from = config.text_layers
             self.fusion = FusionStack(config.fusion_layers, config.text_hidden, token_width, config.fusion_heads,
                                       mlp_ratio=config.fusion_mlp_ratio, dropout=config.dropout)
-        if config.image_tokens == "s16":
+        if config.image_tokens != "s32":
             from tpas.models.layers import init_weights
 
             init_weights(self.token_proj_coarse)
@@ -402,7 +413,13 @@ class LiteModel(RetrievalModel):
             bands = [fine.mean((2, 3)), *(self._stripes(fine) if cfg.itc_stripes else [])]
             itc = torch.cat([itc, *(self.itc_fine_norm(b) for b in bands)], dim=-1)
         coarse = self.token_proj_coarse(torch.cat([pooled[:, None], grid], dim=1))
-        fine_tokens = self.token_proj_fine(fine.flatten(2).transpose(1, 2))
+        if cfg.image_tokens == "bands":  # the ITC vector's pools, one token each (8 tokens: cheap fusion)
+            coarse = self.token_proj_coarse(torch.stack([pooled, *self._stripes(x)], dim=1))
+            fine_tokens = self.token_proj_fine(torch.stack([fine.mean((2, 3)), *self._stripes(fine)], dim=1))
+            tokens = self.image_norm(torch.cat([coarse, fine_tokens], dim=1) + self.token_pos)
+            return ImageEncoding(tokens=tokens, embeds=self.vision_proj(itc))
+        grid16 = F.avg_pool2d(fine, cfg.fine_pool) if cfg.fine_pool > 1 else fine
+        fine_tokens = self.token_proj_fine(grid16.flatten(2).transpose(1, 2))
         tokens = self.image_norm(torch.cat([coarse, fine_tokens], dim=1) + self.token_pos)
         return ImageEncoding(tokens=tokens, embeds=self.vision_proj(itc))
 
