@@ -41,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "bottoms, data and views reuse one cache; its build time is then not in the row)")
     p.add_argument("--rerank", type=int, default=16)
     p.add_argument("--no-test", action="store_true", help="validation columns only")
+    p.add_argument("--skip-train", action="store_true", help="score the run's existing best/ (no training; "
+                   "the time columns then stay empty)")
     p.add_argument("--results", default=str(RESULTS / "lite_ablation"), help="results stem (.jsonl/.md)")
     p.add_argument("--table", action="store_true", help="only rewrite the markdown table from the jsonl")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -48,19 +50,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def score(model, evalset, rerank: int) -> dict[str, float]:
-    """R@1/R@5/mAP for ITC, + ITM re-rank, + SCA (one ITM pass shared by the last two)."""
-    import tempfile
-
+    """R@1/R@5/mAP for ITC, + ITM re-rank, + SCA: one encoding and one ITM pass, through run_eval."""
     from tpas.eval.run import run_eval
+    from tpas.search.ranking import rank_evalset, ranking_from_scores
 
+    ranking = rank_evalset(model, evalset, rerank=rerank, depth=max(rerank, 10), progress=False)
+    itc_only = ranking_from_scores(ranking.itc_scores, depth=10, text_embeds=ranking.text_embeds)
     out: dict[str, float] = {}
-    cache: dict = {}
-    with tempfile.TemporaryDirectory(prefix="tpas-abl-") as tmp:
-        for key, k, post in (("itc", 0, "none"), ("itm", rerank, "none"), ("sca", rerank, "sca")):
-            m = run_eval(model, evalset, rerank=k, post=post, out_dir=None, index_dir=Path(tmp) / "index",
-                         score_cache=cache, progress=False, report_queries=0)
-            out.update({f"{key} R@1": round(m["R@1"], 2), f"{key} R@5": round(m["R@5"], 2),
-                        f"{key} mAP": round(m["mAP"], 2)})
+    for key, ranked, post in (("itc", itc_only, "none"), ("itm", ranking, "none"), ("sca", ranking, "sca")):
+        m = run_eval(model, evalset, post=post, ranking=ranked, progress=False).metrics
+        out.update({f"{key} R@1": round(m["R@1"], 2), f"{key} R@5": round(m["R@5"], 2),
+                    f"{key} mAP": round(m["mAP"], 2)})
     return out
 
 
@@ -84,17 +84,19 @@ def main(argv=None) -> dict | None:
     overrides = [f"data.root={args.data}", f"train.out={run_dir}", *args.overrides]
     config = load_config(args.config, overrides)
     start, cpu0 = time.perf_counter(), _cpu_seconds()
-    trainer = Trainer(config, cache_dir=args.cache_dir)
+    trainer = Trainer(config, resume=args.skip_train, cache_dir=args.cache_dir)
     built = time.perf_counter() - start
-    trainer.fit()
+    if not args.skip_train:
+        trainer.fit()
     total, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
     threads = torch.get_num_threads()
     model = create_model(run_dir / "best").eval()
     metrics = json.loads((run_dir / "best" / "metrics.json").read_text())
     row = {"name": args.name, "data": Path(args.data).name, "overrides": args.overrides,
            "command": " ".join(["benchmarks/lite_ablation.py", *sys.argv[1:]]),
-           "cache_s": round(trainer.cache_seconds, 1), "setup_s": round(built, 1), "train_total_s": round(total, 1),
-           "train_total_cpu_s": round(cpu, 1),
+           **({"cache_s": None, "setup_s": None, "train_total_s": None, "train_total_cpu_s": None}
+              if args.skip_train else {"cache_s": round(trainer.cache_seconds, 1), "setup_s": round(built, 1),
+                                       "train_total_s": round(total, 1), "train_total_cpu_s": round(cpu, 1)}),
            "steps": trainer.total_steps, "best_step": metrics.get("step"),
            "rerank_weight": model.config.rerank_weight, "threads": threads,
            "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -18,9 +18,33 @@ from tpas.models.lite import FAST_LAYOUT, bert_layer
 TEXTS = ["a man in a red coat walks past the bench", "woman running", "a child in a yellow hat falls down"]
 
 
+# the [CLS]-query fusion over grid tokens (image_tokens="s16"), which most tests here exercise; the
+# shipped layout swaps the grid for band tokens (test_shipped_layout_fuses_over_band_tokens)
+GRID_LAYOUT = {**FAST_LAYOUT, "image_tokens": "s16", "itc_fine": False, "proj_hidden": 0}
+
+
 def tiny_fast(**kw):
     torch.manual_seed(0)
-    return create_model("lite-tiny", **{**FAST_LAYOUT, **kw})
+    return create_model("lite-tiny", **{**GRID_LAYOUT, **kw})
+
+
+def test_shipped_layout_fuses_over_band_tokens():
+    torch.manual_seed(0)
+    model = create_model("lite-tiny", **FAST_LAYOUT).eval()
+    model.set_trainable(0, 0)  # both towers frozen, as the demo trains: the stride-16 map is a cached feature
+    h, w = model.image_size
+    pixels = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        img = model.encode_image(pixels)
+        feats = model.frozen_image_features(pixels)
+        final = model.image_encoder(pixels)
+    # global + 3 bands of the final map, then of the map one stride below: 8 tokens of text width
+    assert img.tokens.shape == (2, 8, 32)
+    fine = feats["fine"]
+    assert model.vision_proj.net[0].in_features == 4 * final.shape[1] + 4 * fine.shape[1]
+    # a band is the mean of its rows of the map: adaptive average pooling's bands
+    bands = torch.nn.functional.adaptive_avg_pool2d(final, (3, 1)).flatten(2).unbind(-1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model._stripes(final), bands))
 
 
 # -- ITM: rank by the trained margin -----------------------------------------------------------------
@@ -116,7 +140,7 @@ def test_fast_layout_shapes_and_text_init_is_exactly_the_copied_layers():
         assert torch.allclose(txt.tokens[..., :32], emb, atol=1e-6)
         first = bert_layer(model.text_encoder.encoder.layer[0], emb, mask, heads=2)
         assert torch.allclose(txt.tokens[..., 32:], first, atol=1e-6)
-    fresh = create_model("lite-tiny", **FAST_LAYOUT)  # pretrained=False: no copy without weights
+    fresh = create_model("lite-tiny", **GRID_LAYOUT)  # pretrained=False: no copy without weights
     model2 = tiny_fast()
     for mine, theirs in zip(model2.fusion.layers, model2.text_encoder.encoder.layer):
         mine.load_bert_layer(theirs)
@@ -210,7 +234,7 @@ def test_lite_text_layers_equal_transformers_bert():
             x = bert_layer(layer, x, mask, heads=model.config.text_heads)
     assert torch.allclose(x[mask.bool()], ref[mask.bool()], atol=1e-5)
     assert model._fine_block == 13 and model._coarse_grid == (6, 3)  # stride 16 and 32 at 192x96
-    assert model.encode_image(torch.randn(1, 3, 192, 96)).tokens.shape == (1, 1 + 18 + 72, 384)
+    assert model.encode_image(torch.randn(1, 3, 192, 96)).tokens.shape == (1, 8, 384)  # 2 maps x (global + 3 bands)
 
 
 def test_old_layout_saved_models_still_load(tmp_path):

@@ -425,8 +425,10 @@ class LiteModel(RetrievalModel):
 
     def _stripes(self, fmap: torch.Tensor) -> list[torch.Tensor]:
         """Mean of ``itc_stripes`` horizontal bands of a [B,C,h,w] map (top to bottom), each [B,C]."""
-        pooled = F.adaptive_avg_pool2d(fmap, (self.config.itc_stripes, 1)).flatten(2)  # [B,C,k]
-        return list(pooled.unbind(-1))
+        # adaptive average pooling's bands (rows floor(i*h/k) .. ceil((i+1)*h/k)), written as slices
+        # so that the ONNX export works for any grid height, not only multiples of k
+        h, k = int(fmap.shape[2]), self.config.itc_stripes  # python ints: constants in an export
+        return [fmap[:, :, (i * h) // k:((i + 1) * h + k - 1) // k].mean((2, 3)) for i in range(k)]
 
     @property
     def _fusion_depths(self) -> list[int]:
@@ -475,12 +477,13 @@ class LiteModel(RetrievalModel):
 
 
 # the fast layout (see the module doc); the dataclass defaults stay the original layout for saved models
-FAST_LAYOUT = dict(fusion_init="text", fusion_query="cls", image_tokens="s16", itc_stripes=3)
+FAST_LAYOUT = dict(fusion_init="text", fusion_query="cls", image_tokens="bands", itc_stripes=3, itc_fine=True,
+                   proj_hidden=1024)
 
 register_config(
     "lite", "lite",
     description="Offline pretrained default: MiniLM-L6 text + ImageNet MobileNetV2 image; fusion = MiniLM's top "
-                "2 layers + cross-attention to stride-16/32 tokens, ITM (192x96)",
+                "2 layers + cross-attention to 8 band tokens of the stride-16/32 maps, ITM (192x96)",
     **FAST_LAYOUT,
 )
 register_config(
