@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dims", type=int, default=64, help="diverse: PCA dimensions")
     p.add_argument("--gallery", type=int, default=1024, help="hard: sampled gallery size")
     p.add_argument("--rerank", type=int, default=0, help="test evaluation: ITM re-rank depth (0 = ITC only)")
-    p.add_argument("--name", default="", help="results file suffix: benchmarks/results/select_ablation_NAME")
+    p.add_argument("--name", default="", help="results file suffix: the results are written as select_ablation_NAME.{json,md} beside the other results")
     return p.parse_args(argv)
 
 

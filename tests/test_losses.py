@@ -202,14 +202,16 @@ def test_train_step_scores_hard_pairs_as_labelled_negatives(monkeypatch):
     model = create_model("lite-tiny")  # eval mode: no dropout, so the encodings can be recomputed below
     batch = _tiny_batch(model)
     seen = []
-    real = model.itm_logits
+    real = model.itm_logits_indexed  # lite scores pairs by index into the distinct images and captions
 
-    def spy(image_tokens, text_tokens, text_mask):
-        logits = real(image_tokens, text_tokens, text_mask)
-        seen.append((image_tokens, text_tokens, text_mask, logits))
+    def spy(image_tokens, text_tokens, text_mask, image_index=None, text_index=None):
+        logits = real(image_tokens, text_tokens, text_mask, image_index, text_index)
+        ii = torch.arange(len(image_tokens)) if image_index is None else image_index
+        ti = torch.arange(len(text_tokens)) if text_index is None else text_index
+        seen.append((image_tokens[ii], text_tokens[ti], text_mask[ti], logits))
         return logits
 
-    monkeypatch.setattr(model, "itm_logits", spy)
+    monkeypatch.setattr(model, "itm_logits_indexed", spy)
     out = TrainStep(model, LossSection(itc=0.0, itm=1.0))(batch)
     (img, txt, mask, logits), = seen
     rows = batch["hard_rows"]

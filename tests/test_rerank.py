@@ -141,3 +141,21 @@ def test_calibrate_weight_picks_the_fusion_that_ranks_positives_first():
     assert all(v == 100.0 for v in table.values()) and weight == DEFAULT_WEIGHT  # ties: closest to upstream
     with pytest.raises(ValueError):
         calibrate_weight(good_itm, itc[:, :2], positives)
+
+
+def test_a_weight_fitted_at_one_depth_warns_when_used_at_another(caplog):
+    from types import SimpleNamespace
+
+    from tpas.search.ranking import _WARNED_DEPTHS, resolve_weight
+
+    model = SimpleNamespace(config=SimpleNamespace(rerank_weight=0.3, rerank_depth=16))
+    _WARNED_DEPTHS.clear()
+    with caplog.at_level("WARNING"):
+        assert resolve_weight(model, None, 16) == 0.3
+        assert not caplog.records
+        assert resolve_weight(model, None, 64) == 0.3
+        assert "top-64 with a fusion weight fitted at top-16" in caplog.text
+        caplog.clear()
+        resolve_weight(model, None, 64)  # once per depth
+        resolve_weight(model, 1.0, 64)  # an explicit weight is the caller's choice
+        assert not caplog.records

@@ -11,10 +11,15 @@ from tpas.search.index import model_fingerprint
 from tpas.search.runtime import OnnxModel, base_model, with_runtime
 
 
-@pytest.fixture(scope="module")
-def model():
+# the first lite layout, and the demo's (text-initialised [CLS]-query fusion over band tokens)
+LAYOUTS = {"v1": {}, "fast": dict(fusion_init="text", fusion_query="cls", image_tokens="bands", itc_stripes=3,
+                                  itc_fine=True, proj_hidden=64)}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def model(request):
     torch.manual_seed(0)
-    return create_model("lite-tiny")
+    return create_model("lite-tiny", **LAYOUTS[request.param])
 
 
 @pytest.fixture(scope="module")

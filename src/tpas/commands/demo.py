@@ -14,7 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Generate mini-PAB, train lite, evaluate (ITC, +ITM re-rank, +SCA), write report.html, "
                     "build an index and serve the search page. Re-running with the same --out resumes.")
     p.add_argument("--out", type=Path, help="run folder (default runs/demo; an existing one is resumed)")
-    p.add_argument("--identities", type=int, default=1000, help="mini-PAB identities to generate (default 1000)")
+    p.add_argument("--identities", type=int, default=3200,
+                   help="mini-PAB people to generate, test people included (default 3200)")
+    p.add_argument("--test-identities", type=int, default=200,
+                   help="of those, people in the test split (default 200: a 400-image test gallery)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--config", help="training config: a shipped config's name or a YAML path (default minipab-lite)")
     p.add_argument("--rerank", type=int, default=16, help="ITM re-rank depth in the results table (default 16)")
@@ -40,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
             raise TpasError(f"override {item!r} is not KEY=VALUE")
     if args.identities < 2:
         raise TpasError("--identities must be at least 2")
+    if not 1 <= args.test_identities < args.identities:
+        raise TpasError(f"--test-identities must be between 1 and --identities - 1 ({args.identities - 1}), "
+                        f"got {args.test_identities}")
     token = read_token()
     if args.serve:
         check_bind(args.host, args.allow_remote, token)  # before the demo's minutes of work, not after
-    opts = DemoOptions(out=args.out or default_out(), identities=args.identities, seed=args.seed,
+    opts = DemoOptions(out=args.out or default_out(), identities=args.identities,
+                       test_identities=args.test_identities, seed=args.seed,
                        config=args.config, overrides=list(args.overrides), rerank=args.rerank,
                        zero_shot=args.zero_shot, workers=args.workers, serve=args.serve,
                        host=args.host, port=args.port, device=args.device)

@@ -22,6 +22,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -83,6 +84,23 @@ def validation_set(pairs: Sequence[ImageText], root: Path, max_queries: int = 0,
     return EvalSet(name=name, root=Path(root), queries=queries, gallery=list(gallery.values()))
 
 
+def partner_index(pairs: Sequence[ImageText]) -> list[int]:
+    """For each pair, the index of a pair showing its ``hard_image_id`` (PAB: the same person's
+    opposite-behaviour image), or -1. The ITM hard-pair term uses it within a batch."""
+    first: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        first.setdefault(p.image_id, i)
+    return [first.get(p.hard_image_id, -1) if p.hard_image_id is not None else -1 for p in pairs]
+
+
+def batch_partners(items: list[dict]) -> torch.Tensor:
+    """[B] position in the batch of each item's partner (its ``partner_index``), -1 if not in the batch."""
+    where: dict[int, int] = {}
+    for pos, it in enumerate(items):
+        where.setdefault(it["index"], pos)
+    return torch.tensor([where.get(it.get("partner_index", -1), -1) for it in items], dtype=torch.long)
+
+
 class PairDataset(Dataset):
     """One item per training pair: image tensor, caption, integer identity label, optional hard pair."""
 
@@ -98,6 +116,7 @@ class PairDataset(Dataset):
         self.epoch = 0
         self.hard_pairs = hard_pairs
         self.eda = eda
+        self.partners = partner_index(self.pairs)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -133,7 +152,8 @@ class PairDataset(Dataset):
         if self.eda > 0 and rng.random() < self.eda:
             caption = eda(caption, rng)
         item = {"index": index, "image": self._image(pair.image, rng), "caption": caption,
-                "label": self.labels[pair.person_id], "hard_image": None, "hard_caption": None}
+                "label": self.labels[pair.person_id], "hard_image": None, "hard_caption": None,
+                "partner_index": self.partners[index]}
         if self.hard_pairs and pair.hard_image is not None and pair.hard_caption is not None:
             item["hard_image"] = self._image(pair.hard_image, rng)
             item["hard_caption"] = pair.hard_caption
@@ -165,6 +185,8 @@ class Collator:
             "input_ids": ids,
             "attention_mask": mask,
         }
+        if all("partner_index" in it for it in items):
+            batch["partner"] = batch_partners(items)
         hard = [i for i, it in enumerate(items) if it["hard_image"] is not None]
         batch["hard_rows"] = torch.tensor(hard, dtype=torch.long)
         if hard:
@@ -196,13 +218,19 @@ class ShardedBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, size: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 groups: Sequence[Sequence[int]] | None = None):
+                 groups: Sequence[Sequence[int]] | None = None, similar: "torch.Tensor | None" = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.size, self.batch_size, self.world_size, self.rank, self.seed = size, batch_size, world_size, rank, seed
         self.groups = [list(g) for g in groups] if groups is not None else None
         if self.groups is not None and sorted(i for g in self.groups for i in g) != list(range(size)):
             raise ValueError("groups must partition range(size)")
+        # similar [n_groups (or size), d]: description vectors; half of every batch is then drawn
+        # from look-alikes (see order()), so contrastive negatives are hard ones, not just random people
+        self.similar = similar
+        n_units = len(self.groups) if self.groups is not None else size
+        if similar is not None and len(similar) != n_units:
+            raise ValueError(f"similar has {len(similar)} rows for {n_units} groups")
         self.epoch, self.start = 0, 0
         if len(self) == 0:
             raise ValueError(f"{size} training pairs cannot fill one global batch of "
@@ -217,9 +245,41 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     def order(self) -> list[int]:
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        groups = self.groups if self.groups is not None else [[i] for i in range(self.size)]
+        if self.similar is not None:
+            return self._similar_order(groups, g)
         if self.groups is None:
             return torch.randperm(self.size, generator=g).tolist()
         return [i for k in torch.randperm(len(self.groups), generator=g).tolist() for i in self.groups[k]]
+
+    def _similar_order(self, groups: list[list[int]], g: torch.Generator) -> list[int]:
+        """An epoch order whose every batch is half look-alikes, half random groups.
+
+        Groups are hashed by the signs of their description vectors on a few random directions
+        (drawn per epoch: other look-alikes each time); one half of the groups, sorted by that hash,
+        fills the first half of each batch with neighbours, the other half (random order) the rest.
+        """
+        n = len(groups)
+        perm = torch.randperm(n, generator=g)
+        hard, easy = perm[: n // 2], perm[n // 2:]
+        vecs = self.similar[hard].float()
+        vecs = vecs - vecs.mean(0, keepdim=True)
+        per_batch = max(1, self.batch_size * self.world_size // (2 * max(1, round(self.size / n))))
+        bits = max(1, min(16, int(np.ceil(np.log2(max(2, len(hard) / per_batch))))))
+        planes = torch.randn(vecs.shape[1], bits, generator=g)
+        codes = ((vecs @ planes) > 0).long() @ (2 ** torch.arange(bits))
+        hard = hard[torch.argsort(codes * n + torch.randperm(len(hard), generator=g), stable=True)]
+        half = max(1, self.batch_size * self.world_size // 2)
+        hard_items = [i for k in hard.tolist() for i in groups[k]]
+        easy_items = [i for k in easy.tolist() for i in groups[k]]
+        chunks = []
+        while hard_items or easy_items:
+            take_h, take_e = hard_items[:half], easy_items[: 2 * half - min(half, len(hard_items))]
+            hard_items, easy_items = hard_items[len(take_h):], easy_items[len(take_e):]
+            chunks.append(take_h + take_e)
+        order = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
+        full = [c for c in order if len(c) == 2 * half] + [c for c in order if len(c) != 2 * half]
+        return [i for c in full for i in c]
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order()
@@ -250,7 +310,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for batch in self.loader:
-            handle_late_problems(batch.pop("bad_images"), self.on_bad_image)
+            handle_late_problems(batch.pop("bad_images", []), self.on_bad_image)  # cached batches decode nothing
             yield batch
 
 

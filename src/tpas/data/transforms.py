@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from tpas.data.images import MISSING
 from tpas.errors import DataError
@@ -61,17 +63,58 @@ class EvalTransform:
         return normalize(to_tensor(image, self.size), self.mean, self.std)
 
 
+@dataclass(frozen=True)
+class CameraAugment:
+    """Ranges of the capture-condition augmentation (a camera other than the training one).
+
+    Each effect is drawn per image: exposure (a global gain), white balance (a gain per RGB
+    channel), optical blur (Gaussian, sigma in source pixels), sensor noise (Gaussian, std in
+    0-255 levels) and JPEG re-compression (quality). The ranges move pixels as much as a
+    different street camera would while keeping colour names true: a red top stays red under a
+    0.7-1.25 exposure and a +-8% channel tint. ``p`` is the probability of each of blur, noise
+    and JPEG (exposure and white balance are always drawn; their ranges include 1).
+    """
+
+    exposure: tuple[float, float] = (0.7, 1.25)
+    white_balance: float = 0.08
+    blur: tuple[float, float] = (0.2, 1.2)
+    noise: tuple[float, float] = (1.0, 7.0)
+    jpeg: tuple[int, int] = (60, 92)
+    p: float = 0.6
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> Image.Image:
+        if rng.random() < self.p:
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(*self.blur)))
+        gains = np.array([rng.uniform(*self.exposure)] * 3) * np.array(
+            [1.0 + rng.uniform(-self.white_balance, self.white_balance) for _ in range(3)])
+        arr = np.asarray(image, dtype=np.float32) * gains.astype(np.float32)
+        if rng.random() < self.p:
+            noise = np.random.default_rng(rng.getrandbits(63)).standard_normal(arr.shape, dtype=np.float32)
+            arr += noise * np.float32(rng.uniform(*self.noise))
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+        if rng.random() < self.p:
+            buf = io.BytesIO()
+            image.save(buf, "JPEG", quality=rng.randint(*self.jpeg))
+            buf.seek(0)
+            with Image.open(buf) as im:
+                image = im.convert("RGB")
+        return image
+
+
 class TrainTransform(EvalTransform):
-    """Eval transform plus horizontal flip and a mild random resized crop and colour jitter.
+    """Eval transform plus horizontal flip, a mild random resized crop, colour jitter and (with
+    ``camera``, the default) :class:`CameraAugment`, applied at the source resolution before the
+    resize, in a camera's order: optics, exposure, sensor, codec.
 
     Flipping is safe for person descriptions only when captions have no left/right words; PAB's
     captions rarely do, and the upstream recipe flips too.
     """
 
     def __init__(self, size, mean, std, flip: float = 0.5, crop_scale: float = 0.9, jitter: float = 0.1,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, camera: CameraAugment | None | bool = True):
         super().__init__(size, mean, std)
         self.flip, self.crop_scale, self.jitter = flip, crop_scale, jitter
+        self.camera = CameraAugment() if camera is True else (camera or None)
         self.rng = rng or random.Random()
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -82,6 +125,8 @@ class TrainTransform(EvalTransform):
             cw, ch = max(1, int(w * scale)), max(1, int(h * scale))
             x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
             image = image.crop((x0, y0, x0 + cw, y0 + ch))
+        if self.camera is not None:
+            image = self.camera(image, rng)
         pixels = to_tensor(image, self.size)
         if rng.random() < self.flip:
             pixels = pixels.flip(-1)

@@ -53,8 +53,12 @@ class ModelConfig:
     temp_max: float = 0.5
     vocab: str | None = None  # vocab.txt path; None = the BERT-uncased vocab shipped with the package
     # ITC weight in the re-rank fusion minmax(ITM) + w * minmax(ITC), picked on the validation split
-    # by training (tpas.search.rerank.calibrate_weight); None = upstream's 0.002
+    # by training (tpas.search.calibrate.calibrate_weight); None = upstream's 0.002
     rerank_weight: float | None = None
+    # the re-rank depth that weight was fitted at, and the validation R@1 points ITC -> ITM re-rank
+    # gained there (the server turns re-ranking on by default only when the gain is positive)
+    rerank_depth: int | None = None
+    rerank_gain: float | None = None
     # SCA's text-similarity threshold (cosine of text embeddings), picked on the validation split
     # (tpas.search.calibrate.calibrate_sca_threshold); None = tpas.search.postprocess's default
     sca_threshold: float | None = None
@@ -101,10 +105,28 @@ class RetrievalModel(nn.Module, abc.ABC):
     ) -> torch.Tensor:
         """[B,2] match logits (index 1 = match) for B aligned (image, text) pairs."""
 
+    def itm_margin(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                   text_mask: torch.Tensor) -> torch.Tensor:
+        """[B] ITM match score z1 - z0 of aligned pairs: see :func:`itm_margin`."""
+        return itm_margin(self.itm_logits(image_tokens, text_tokens, text_mask))
+
     # -- shared behaviour ----------------------------------------------------------------------
     @property
     def temperature(self) -> torch.Tensor:
-        return self.temp.clamp(self.config.temp_min, self.config.temp_max)
+        """The temperature, within [temp_min, temp_max], with the raw parameter's gradient.
+
+        The value is clamped, but the clamp is not in the autograd graph (straight-through): a
+        ``clamp`` there would give the parameter zero gradient for good once an update pushed it
+        past a bound. The trainer clamps the parameter itself after every optimizer step
+        (:meth:`clamp_temperature_`), as ALBEF and X-VLM do, so the two agree during training.
+        """
+        clamped = self.temp.detach().clamp(self.config.temp_min, self.config.temp_max)
+        return self.temp + (clamped - self.temp.detach())
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Clamp the raw temperature parameter into [temp_min, temp_max] in place (after optimizer steps)."""
+        self.temp.clamp_(self.config.temp_min, self.config.temp_max)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -145,6 +167,18 @@ class RetrievalModel(nn.Module, abc.ABC):
 
     def load_extras(self, directory: Path) -> None:
         """Hook: read what :meth:`save_extras` wrote; ``from_pretrained`` calls it after the weights."""
+
+
+def itm_margin(logits: torch.Tensor) -> torch.Tensor:
+    """The ITM score to rank with: the logit margin ``z1 - z0`` of [B,2] match logits.
+
+    With a 2-way softmax cross-entropy only the difference of the two logits is trained: the
+    gradient of the loss with respect to ``z0 + z1`` is zero, so the sum of the head's two output
+    rows never moves from its (random, for a new head) init, and ``z1`` alone is half the trained
+    margin plus that fixed random projection. The margin is the trained quantity;
+    ``softmax(logits)[:, 1] = sigmoid(margin)`` is a monotone function of it.
+    """
+    return logits[..., 1] - logits[..., 0]
 
 
 def read_config_file(directory: str | Path) -> dict[str, Any]:

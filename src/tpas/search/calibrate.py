@@ -67,9 +67,18 @@ def calibrate_on_evalset(model, evalset: EvalSet, k: int = 16, grid: Sequence[fl
     if not evalset.has_ground_truth or not evalset.queries:
         raise ValueError(f"{evalset.name}: calibration needs queries with ground truth")
     ranking = rank_evalset(model, evalset, rerank=k, depth=k, batch_size=batch_size, progress=progress)
+    return calibrate_ranking(ranking, evalset, grid)
+
+
+def calibrate_ranking(ranking: Ranking, evalset: EvalSet, grid: Sequence[float] = WEIGHT_GRID
+                      ) -> tuple[float, dict[float, float]]:
+    """:func:`calibrate_weight` on a ranking of ``evalset`` made with re-ranking (its head's raw ITC and ITM)."""
+    k = ranking.head
+    if k == 0:
+        raise ValueError("calibration needs a ranking with an ITM re-ranked head")
     # the ranking lists the head in fused order; calibration wants ITC order (ties: lower gallery row first)
-    order = np.lexsort((ranking.rows, -ranking.itc), axis=-1)
-    rows, itc, itm = (np.take_along_axis(a, order, axis=1) for a in (ranking.rows, ranking.itc, ranking.itm))
+    order = np.lexsort((ranking.rows[:, :k], -ranking.itc[:, :k]), axis=-1)
+    rows, itc, itm = (np.take_along_axis(a[:, :k], order, axis=1) for a in (ranking.rows, ranking.itc, ranking.itm))
     gallery_targets = np.array(evalset.gallery_targets(), dtype=object)
     query_targets = np.array(evalset.query_targets(), dtype=object)
     positives = gallery_targets[rows] == query_targets[:, None]

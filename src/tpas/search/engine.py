@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tpas.search.index import GalleryIndex, open_index
-from tpas.search.ranking import Ranking, rank, resolve_weight
+from tpas.search.ranking import Ranking, rank
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class SearchEngine:
                  weight: float | None = None, batch_size: int | None = None, root: str | Path | None = None):
         self.model = model
         self.index = index if isinstance(index, GalleryIndex) else open_index(index, model, root=root)
-        self.itm_mode, self.weight, self.batch_size = itm_mode, resolve_weight(model, weight), batch_size
+        self.itm_mode, self.batch_size = itm_mode, batch_size
+        self.weight = weight  # None: the model's validated weight (resolved per re-rank depth by rank())
 
     def __len__(self) -> int:
         return len(self.index)

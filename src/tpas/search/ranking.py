@@ -78,12 +78,26 @@ def fuse(itm: np.ndarray, itc: np.ndarray, weight: float = DEFAULT_WEIGHT) -> np
     return minmax(itm, axis=1) + np.float32(weight) * minmax(itc, axis=1)
 
 
-def resolve_weight(model, weight: float | None) -> float:
-    """The fusion weight to use: ``weight`` if given, else the model's calibrated one, else upstream's."""
+def resolve_weight(model, weight: float | None, depth: int | None = None) -> float:
+    """The fusion weight to use: ``weight`` if given, else the model's calibrated one, else upstream's.
+
+    A calibrated weight was fitted at one re-rank depth (``config.rerank_depth``); re-ranking at
+    another ``depth`` logs a warning, once per (depth, fitted depth), since the best weight moves
+    with the number of candidates ITM has to sort.
+    """
     if weight is not None:
         return float(weight)
-    calibrated = getattr(getattr(model, "config", None), "rerank_weight", None)
+    config = getattr(model, "config", None)
+    calibrated = getattr(config, "rerank_weight", None)
+    fitted = getattr(config, "rerank_depth", None)
+    if calibrated is not None and fitted and depth and depth != fitted and (depth, fitted) not in _WARNED_DEPTHS:
+        _WARNED_DEPTHS.add((depth, fitted))
+        log.warning("re-ranking the top-%d with a fusion weight fitted at top-%d on validation; "
+                    "expect less than the validated gain", depth, fitted)
     return DEFAULT_WEIGHT if calibrated is None else float(calibrated)
+
+
+_WARNED_DEPTHS: set[tuple[int, int]] = set()
 
 
 # -- the result ----------------------------------------------------------------------------------
@@ -206,7 +220,7 @@ def rank(model, texts: Sequence[str], gallery, *, depth: int = 10, rerank: int =
     texts = list(texts)
     n, g = len(texts), len(gallery.embeds)
     width = min(max(depth, rerank), g)
-    weight = resolve_weight(model, weight)
+    weight = resolve_weight(model, weight, rerank or None)
     gallery_embeds = np.ascontiguousarray(gallery.embeds)
     image_tokens = gallery.tokens if rerank > 0 else None
     if rerank > 0 and image_tokens is None:

@@ -78,7 +78,7 @@ def itm_scores(model, text_tokens, text_mask, image_tokens, query_rows: Sequence
             img = torch.from_numpy(np.asarray(image_tokens[uniq])).to(device=device, dtype=dtype)
             img = img[torch.from_numpy(inverse.reshape(-1)).to(device)]
             logits = model.itm_logits(img, txt, mask[:, :width].to(device)).float()
-            score = logits[:, 1] if mode == "logit" else logits.softmax(-1)[:, 1]
+            score = logits[:, 1] - logits[:, 0] if mode == "logit" else logits.softmax(-1)[:, 1]
             out[start:start + len(g)] = score.cpu().numpy()
     result = np.empty_like(out)
     result[order] = out

@@ -59,8 +59,7 @@ class TrainStep(nn.Module):
         from tpas.train.losses import itc_loss, itm_loss, mlm_loss
 
         m, cfg = self.model, self.cfg
-        img = m.encode_image(batch["images"])
-        txt = m.encode_text(batch["input_ids"], batch["attention_mask"])
+        img, txt = _encode_batch(m, batch)
         temp = m.temperature
         labels = batch["labels"]
         out: dict[str, torch.Tensor] = {}
@@ -78,14 +77,36 @@ class TrainStep(nn.Module):
                 extra.append((img.tokens[rows], hard_txt.tokens, hard_txt.mask))  # image + other-behaviour caption
                 extra.append((hard_img, txt.tokens[rows], txt.mask[rows]))  # other-behaviour image + caption
             sim = img.embeds.detach().float() @ txt.embeds.detach().float().t()
-            out["itm"], stats = itm_loss(m, img.tokens, txt.tokens, txt.mask, sim, labels, temp.detach(), extra)
+            partner = batch.get("partner") if cfg.itm_hard_pairs else None
+            out["itm"], stats = itm_loss(m, img.tokens, txt.tokens, txt.mask, sim, labels, temp.detach(), extra,
+                                         partner=partner)
             out["itm_acc"] = torch.tensor(stats["itm_acc"])
+            if "itm_hard_acc" in stats:
+                out["itm_hard_acc"] = torch.tensor(stats["itm_hard_acc"])
             total = total + cfg.itm * out["itm"]
         if cfg.mlm > 0:
+            if "input_ids" not in batch:
+                raise TpasError("loss.mlm needs token ids; it cannot train on cached text features "
+                                "(set model.options.train_cache_views=0 or loss.mlm=0)")
             out["mlm"] = mlm_loss(m, img.tokens, batch["input_ids"], batch["attention_mask"], cfg.mlm_probability)
             total = total + cfg.mlm * out["mlm"]
         out["loss"] = total
         return out
+
+
+def _encode_batch(model, batch: dict[str, torch.Tensor]):
+    """(ImageEncoding, TextEncoding) of a batch: from pixels and ids, or from cached frozen features."""
+    from tpas.train.cache import IMAGE_PREFIX, TEXT_PREFIX, split_batch
+
+    if "images" in batch:
+        img = model.encode_image(batch["images"])
+    else:
+        img = model.encode_image_from(split_batch(batch, IMAGE_PREFIX))
+    if "input_ids" in batch:
+        txt = model.encode_text(batch["input_ids"], batch["attention_mask"])
+    else:
+        txt = model.encode_text_from(split_batch(batch, TEXT_PREFIX), batch["attention_mask"])
+    return img, txt
 
 
 # -- RNG state -------------------------------------------------------------------------------------
@@ -121,7 +142,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs to the end and returns ``out``."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, trainset=None):
+    def __init__(self, config: TrainConfig, resume: bool = False, trainset=None, cache_dir: str | Path | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -145,6 +166,9 @@ class Trainer:
         self.out = Path(tcfg.out or Path("runs") / cfg.name)
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+        # feature cache file (train_cache_views): next to the run, or a shared folder (benchmarks)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.out
+        self.cache_seconds = 0.0
 
         seed_everything(tcfg.seed)  # same on every rank: identical initial weights
         self.model = self._build_model()
@@ -203,12 +227,20 @@ class Trainer:
         size, mean, std = model.image_size, model.config.image_mean, model.config.image_std
         transform = TrainTransform(size, mean, std) if dcfg.augment else EvalTransform(size, mean, std)
         hard = dcfg.hard_pairs and cfg.loss.itm > 0 and cfg.loss.itm_hard_pairs
-        self.dataset = PairDataset(train_pairs, self.root, transform, label_map(train_pairs), cfg.train.seed,
-                                   hard_pairs=hard, eda=dcfg.eda)
+        views = int(getattr(model.config, "train_cache_views", 0) or 0)
+        if views > 0:  # frozen tower bottoms computed once per image view / caption (tpas.train.cache)
+            self.dataset, collate, workers = self._cached_dataset(train_pairs, transform, views)
+        else:
+            self.dataset = PairDataset(train_pairs, self.root, transform, label_map(train_pairs), cfg.train.seed,
+                                       hard_pairs=hard, eda=dcfg.eda)
+            collate, workers = Collator.for_model(model), dcfg.workers
         groups = identity_groups(train_pairs) if dcfg.group_batches else None
+        similar = None
+        if views > 0 and getattr(model.config, "train_similar_batches", False):  # half of each batch: look-alikes
+            similar = self.dataset.group_vectors(groups or [[i] for i in range(len(self.dataset))])
         self.sampler = ShardedBatchSampler(len(self.dataset), cfg.train.batch_size, self.world, self.rank,
-                                           cfg.train.seed, groups=groups)
-        self.loader = build_train_loader(self.dataset, self.sampler, Collator.for_model(model), dcfg.workers,
+                                           cfg.train.seed, groups=groups, similar=similar)
+        self.loader = build_train_loader(self.dataset, self.sampler, collate, workers,
                                          on_bad_image=dcfg.on_bad_image)
         accum = max(1, cfg.train.grad_accum)
         self.steps_per_epoch = len(self.sampler) // accum
@@ -217,6 +249,32 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         log.info("training on %d pairs (%d identities), %d steps of %d global samples (%d steps/epoch)",
                  len(train_pairs), len(self.dataset.labels), self.total_steps, self.global_batch, self.steps_per_epoch)
+
+    def _cached_dataset(self, train_pairs, transform, views: int):
+        """(CachedPairDataset, its collate, 0 workers) over a feature cache built (or loaded) now."""
+        from tpas.data.loader import label_map
+        from tpas.data.transforms import TrainTransform
+        from tpas.train.cache import CachedCollator, CachedPairDataset, build_feature_cache
+
+        cfg = self.config
+        model = self.model
+        if not hasattr(model, "frozen_image_features"):
+            raise TpasError(f"model {cfg.model.name!r} cannot train from cached features (train_cache_views)")
+        if cfg.data.eda > 0:
+            raise TpasError("data.eda changes captions every epoch: it cannot train from cached text features")
+        if cfg.loss.mlm > 0:
+            raise TpasError("loss.mlm masks token ids: it cannot train from cached text features")
+        if not isinstance(transform, TrainTransform):
+            transform = TrainTransform(model.image_size, model.config.image_mean, model.config.image_std,
+                                       flip=0.0, crop_scale=1.0, jitter=0.0, camera=None)
+        start = time.perf_counter()
+        cache = build_feature_cache(model, train_pairs, self.root, views, cfg.train.seed, transform,
+                                    batch_size=32,
+                                    workers=max(1, cfg.data.workers), cache_dir=self.cache_dir,
+                                    progress=self.accelerator.is_main_process and cfg.train.progress)
+        self.cache_seconds = time.perf_counter() - start
+        log.info("feature cache ready in %.1f s", self.cache_seconds)
+        return CachedPairDataset(train_pairs, cache, label_map(train_pairs), cfg.train.seed), CachedCollator(cache), 0
 
     @property
     def global_batch(self) -> int:
@@ -230,6 +288,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t.lr, t.weight_decay, t.lr_mult, t.betas, t.eps)
         self.scheduler = build_scheduler(self.optimizer, t.schedule, self.total_steps, t.warmup, t.min_lr_ratio,
                                          t.step_milestones, t.step_gamma)
+
+    def _after_optimizer_step(self) -> None:
+        """Keep the temperature parameter inside its bounds (in place, outside autograd; ALBEF/X-VLM)."""
+        clamp = getattr(self.unwrapped, "clamp_temperature_", None)
+        if clamp is not None:
+            clamp()
 
     # -- checkpoints ---------------------------------------------------------------------------
     @property
@@ -318,35 +382,61 @@ class Trainer:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> Metrics | None:
-        """Retrieval metrics on the held-out training identities (main process only), through the same
-        path as ``tpas eval`` (:func:`tpas.eval.run.run_eval`), so validation and test figures agree
-        by construction."""
+        """Validation on the held-out training identities (main process only), through the same
+        path as ``tpas eval`` (:func:`tpas.eval.run.run_eval`), so validation and test figures agree.
+
+        Checkpoints are compared on what will be deployed: with ``val.calibrate_rerank`` = K > 0 (and
+        an ITM loss), the R@1 of ITC top-K re-ranked by ITM at the fusion weight that is best on this
+        split (:func:`tpas.search.calibrate.calibrate_on_evalset`); otherwise ITC R@1. The saved best
+        model carries that weight, K and the gain over ITC alone (``rerank_weight/depth/gain``).
+        """
         from tpas.eval.run import run_eval
+        from tpas.search.calibrate import calibrate_ranking
+        from tpas.search.ranking import rank_evalset, ranking_from_scores
 
         acc = self.accelerator
         metrics = None
         if acc.is_main_process and self.valset is not None:
+            model, k = self.unwrapped, self.config.val.calibrate_rerank
+            k = k if self.config.loss.itm > 0 else 0
             with torch.random.fork_rng(devices=[]):
-                metrics = run_eval(self.unwrapped, self.valset, progress=False).metrics
-            improved = metrics["R@1"] > self.state["best_r1"]
+                # one encoding of the split: its full ITC matrix scores ITC alone, its head the re-rank
+                ranking = rank_evalset(model, self.valset, rerank=k, depth=max(k, 10),
+                                       batch_size=self.config.val.batch_size, progress=False)
+                itc_only = ranking_from_scores(ranking.itc_scores, depth=10, text_embeds=ranking.text_embeds)
+                metrics = run_eval(model, self.valset, ranking=itc_only, progress=False).metrics
+                score, rerank = metrics["R@1"], None
+                if k > 0:
+                    weight, table = calibrate_ranking(ranking, self.valset)
+                    score = table[weight]
+                    rerank = {"depth": k, "weight": weight, "R@1": score, "gain": round(score - metrics["R@1"], 4),
+                              "r1_by_weight": {str(w): r for w, r in table.items()}}
+            improved = score > self.state["best_r1"]
             self._log({"step": self.state["step"], "epoch": self.state["epoch"], "val": metrics.to_dict(),
-                       "best": improved})
-            log.info("validation at step %d: R@1 %.2f R@5 %.2f mAP %.2f%s", self.state["step"], metrics["R@1"],
-                     metrics["R@5"], metrics["mAP"], " (best)" if improved else "")
+                       "val_rerank": rerank, "best": improved})
+            log.info("validation at step %d: ITC R@1 %.2f R@5 %.2f mAP %.2f%s%s", self.state["step"], metrics["R@1"],
+                     metrics["R@5"], metrics["mAP"],
+                     "" if rerank is None else f"; + ITM top-{k} R@1 {score:.2f} (weight {rerank['weight']:g})",
+                     " (best)" if improved else "")
             if improved:
-                self.state["best_r1"], self.state["best_step"] = metrics["R@1"], self.state["step"]
-                self._save_best(metrics)
+                self.state["best_r1"], self.state["best_step"] = score, self.state["step"]
+                config = model.config
+                if rerank is not None:
+                    config.rerank_weight, config.rerank_depth, config.rerank_gain = rerank["weight"], k, rerank["gain"]
+                self._save_best(metrics, rerank)
         acc.wait_for_everyone()
         return metrics
 
-    def _save_best(self, metrics: Metrics) -> None:
+    def _save_best(self, metrics: Metrics, rerank: dict | None = None) -> None:
         from tpas.utils.io import write_json
 
         tmp = self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
         self.unwrapped.save_pretrained(tmp)
-        write_json(tmp / "metrics.json", {"step": self.state["step"], "epoch": self.state["epoch"],
-                                          **metrics.to_dict()})
+        record = {"step": self.state["step"], "epoch": self.state["epoch"], **metrics.to_dict()}
+        if rerank is not None:
+            record["rerank_calibration"] = rerank
+        write_json(tmp / "metrics.json", record)
         _replace_dir(tmp, self.out / "best")
 
     # -- logging -------------------------------------------------------------------------------
@@ -416,7 +506,13 @@ class Trainer:
                 if t.grad_clip > 0:
                     grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
                 self.optimizer.step()
-                self.scheduler.step()
+                if getattr(acc, "optimizer_step_was_skipped", False):
+                    # the fp16 loss scaler found inf/nan gradients and skipped the update: the
+                    # schedule waits too (otherwise every skip silently shortens warm-up and decay)
+                    log.info("step %d: fp16 loss scaler skipped the update; lr schedule held", self.state["step"] + 1)
+                else:
+                    self._after_optimizer_step()
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state["step"] += 1
                 step = self.state["step"]
@@ -453,36 +549,41 @@ class Trainer:
                 log.warning("no validation ran (empty split or val.every<0): best/ is the last weights")
                 self._export(self.out / CHECKPOINTS / (self.out / CHECKPOINTS / LATEST).read_text().strip(),
                              self.out / "best")
-            self._calibrate_rerank()
+            self._calibrate_sca()
             if self.tb is not None:
                 self.tb.close()
         acc.wait_for_everyone()
         return self.out
 
-    def _calibrate_rerank(self) -> None:
-        """Store the validation-picked re-rank fusion weight in ``best/`` (see tpas.search.calibrate)."""
+    def _calibrate_sca(self) -> None:
+        """Store SCA's validation-picked text-similarity threshold in ``best/``
+        (:func:`tpas.search.calibrate.calibrate_sca_on_evalset`), on the ranking the model will serve:
+        ITM re-ranked at its validated depth when re-ranking gained on validation, else ITC."""
         from tpas.models import create_model
-        from tpas.search.calibrate import calibrate_on_evalset
+        from tpas.search.calibrate import calibrate_sca_on_evalset
         from tpas.utils.io import write_json
 
-        k, best = self.config.val.calibrate_rerank, self.out / "best"
-        if k <= 0 or self.valset is None or not (best / "config.json").is_file():
+        best = self.out / "best"
+        if self.valset is None or not (best / "config.json").is_file():
             return
         model = create_model(best, device=self.accelerator.device)
-        if model.config.rerank_weight is not None:
+        config = model.config
+        if config.sca_threshold is not None:
             return  # already calibrated (a resumed run that had finished)
+        depth = config.rerank_depth if config.rerank_depth and (config.rerank_gain or 0) > 0 else 0
         with torch.random.fork_rng(devices=[]):
-            weight, table = calibrate_on_evalset(model, self.valset, k=k, batch_size=self.config.val.batch_size)
-        model.config.rerank_weight = weight
+            threshold, table = calibrate_sca_on_evalset(model, self.valset, rerank=depth,
+                                                        batch_size=self.config.val.batch_size)
+        config.sca_threshold = threshold
         metrics_file = best / "metrics.json"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
         tmp = self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        write_json(tmp / "metrics.json", {**metrics, "rerank_calibration": {
-            "k": k, "weight": weight, "r1_by_weight": {str(w): r for w, r in table.items()}}})
+        record = {"rerank": depth, "threshold": threshold, "r1_by_threshold": {str(t): r for t, r in table.items()}}
+        write_json(tmp / "metrics.json", {**metrics, "sca_calibration": record})
         _replace_dir(tmp, best)
-        self._log({"step": self.state["step"], "rerank_weight": weight, "rerank_r1_by_weight": table})
+        self._log({"step": self.state["step"], "sca_calibration": record})
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

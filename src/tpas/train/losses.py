@@ -100,12 +100,15 @@ def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, temperature:
 # -- ITM hard-negative sampling -----------------------------------------------------------------
 @torch.no_grad()
 def sample_negatives(sim: torch.Tensor, ids: torch.Tensor, temperature: float | torch.Tensor = 1.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """For each row of ``sim`` [B,B] pick one column ∝ softmax(sim/temperature) with a different id.
 
-    Returns [B] column indices, -1 where the row has no column of another id (all-same-id batch).
+    ``exclude`` [B,B] bool marks further columns a row must not draw (e.g. a negative it already
+    has). Returns [B] column indices, -1 where the row has no column left (all-same-id batch).
     """
     same = ids[:, None] == ids[None, :]
+    if exclude is not None:
+        same = same | exclude
     weights = F.softmax(sim.float() / float(temperature), dim=1)
     # a tiny floor keeps rows whose softmax underflowed to 0 on every valid column samplable
     weights = (weights + 1e-12).masked_fill(same, 0.0)
@@ -120,35 +123,64 @@ def sample_negatives(sim: torch.Tensor, ids: torch.Tensor, temperature: float | 
 def itm_loss(model, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor,
              sim_i2t: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor,
              extra_negatives: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-             ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Binary matching loss over positives, sampled in-batch negatives and ``extra_negatives``.
+             partner: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Binary matching loss over positives, sampled in-batch negatives, partner pairs and ``extra_negatives``.
 
-    ``sim_i2t`` [B,B] is the local image-text cosine matrix (no grad needed). ``extra_negatives``
-    are ready-made (image_tokens, text_tokens, text_mask) triples labelled "no match" (PAB hard
-    pairs). Returns the mean cross-entropy and the ITM accuracy for logging.
+    ``sim_i2t`` [B,B] is the local image-text cosine matrix (no grad needed). Pairs, in order: the
+    B positives; for each image a negative text and for each text a negative image, drawn
+    ∝ softmax(sim / temperature) among other ids; with ``partner`` [B] (batch position of each
+    row's opposite-behaviour pair, -1 = none; PAB's hard pairs met in the batch, as CMP's separate
+    hard-pair term) the pairs (image i, caption of partner(i)) as negatives, and the partner is
+    then not drawn again; then the ready-made (image_tokens, text_tokens, text_mask) triples of
+    ``extra_negatives``. Models with ``itm_logits_indexed`` score the pairs from the distinct
+    images and texts (each projected once); others get the gathered pairs. Returns the mean
+    cross-entropy and, for logging, the accuracy overall and on the partner pairs.
     """
     sim = sim_i2t.detach()
-    neg_text_for_image = sample_negatives(sim, ids, temperature)  # [B] text index per image
-    neg_image_for_text = sample_negatives(sim.t(), ids, temperature)  # [B] image index per text
     b = image_tokens.shape[0]
-    rows = torch.arange(b, device=image_tokens.device)
+    device = image_tokens.device
+    rows = torch.arange(b, device=device)
+    exclude = None
+    has_partner = torch.zeros(b, dtype=torch.bool, device=device)
+    if partner is not None:
+        has_partner = partner >= 0
+        exclude = torch.zeros(b, b, dtype=torch.bool, device=device)
+        exclude[rows[has_partner], partner[has_partner]] = True
+        exclude = exclude | exclude.t()
+    neg_text_for_image = sample_negatives(sim, ids, temperature, exclude=exclude)  # [B] text index per image
+    neg_image_for_text = sample_negatives(sim.t(), ids, temperature,
+                                          exclude=exclude.t() if exclude is not None else None)
     vi, vt = neg_text_for_image >= 0, neg_image_for_text >= 0
-    img_parts = [image_tokens, image_tokens[vi], image_tokens[neg_image_for_text[vt]]]
-    txt_parts = [text_tokens, text_tokens[neg_text_for_image[vi]], text_tokens[rows[vt]]]
-    mask_parts = [text_mask, text_mask[neg_text_for_image[vi]], text_mask[rows[vt]]]
-    for img, txt, msk in extra_negatives or []:
-        img_parts.append(img)
-        txt_parts.append(txt)
-        mask_parts.append(msk)
-    width = max(t.shape[1] for t in txt_parts)
-    txt_parts = [_pad_to(t, width) for t in txt_parts]
-    mask_parts = [_pad_to(m, width) for m in mask_parts]
-    logits = model.itm_logits(torch.cat(img_parts), torch.cat(txt_parts), torch.cat(mask_parts))
+    image_index = [rows, rows[vi], neg_image_for_text[vt], rows[has_partner]]
+    text_index = [rows, neg_text_for_image[vi], rows[vt], partner[has_partner] if partner is not None else rows[:0]]
+    images, texts, masks = image_tokens, text_tokens, text_mask
+    if extra_negatives:
+        width = max([text_tokens.shape[1]] + [t.shape[1] for _, t, _ in extra_negatives])
+        img_parts, txt_parts, mask_parts = [image_tokens], [_pad_to(text_tokens, width)], [_pad_to(text_mask, width)]
+        n_img, n_txt = b, b
+        for img, txt, msk in extra_negatives:
+            img_parts.append(img)
+            txt_parts.append(_pad_to(txt, width))
+            mask_parts.append(_pad_to(msk, width))
+            image_index.append(torch.arange(n_img, n_img + len(img), device=device))
+            text_index.append(torch.arange(n_txt, n_txt + len(txt), device=device))
+            n_img, n_txt = n_img + len(img), n_txt + len(txt)
+        images, texts, masks = torch.cat(img_parts), torch.cat(txt_parts), torch.cat(mask_parts)
+    ii, ti = torch.cat(image_index), torch.cat(text_index)
+    if hasattr(model, "itm_logits_indexed"):
+        logits = model.itm_logits_indexed(images, texts, masks, ii, ti)
+    else:
+        logits = model.itm_logits(images[ii], texts[ti], masks[ti])
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:b] = 1
     loss = F.cross_entropy(logits.float(), labels)
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    return loss, {"itm_acc": acc, "itm_pairs": float(logits.shape[0])}
+    correct = (logits.argmax(1) == labels).float()
+    stats = {"itm_acc": correct.mean().item(), "itm_pairs": float(logits.shape[0])}
+    n_hard = int(has_partner.sum())
+    if n_hard:
+        start = b + int(vi.sum()) + int(vt.sum())
+        stats["itm_hard_acc"] = correct[start:start + n_hard].mean().item()
+    return loss, stats
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
