@@ -367,7 +367,7 @@ def _train_log(path: Path) -> dict[str, Any]:
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
     steps = [r for r in records if "loss" in r]
     vals = [r for r in records if "val" in r]
-    calib = [r for r in records if "rerank_weight" in r]
+    calib = [r for r in records if "sca_calibration" in r or "rerank_weight" in r]  # written after the last step
     rates = sorted(r["samples_per_s"] for r in (steps[1:] or steps)) or [0.0]  # the first step warms up
     return {
         "logged_steps": len(steps), "median_samples_per_s": rates[len(rates) // 2],

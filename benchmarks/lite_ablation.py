@@ -1,6 +1,6 @@
 """One row of the lite ablation: train a config variant, then score it on validation and test.
 
-Every design choice of the fast lite (``configs/minipab-lite.yaml``) is picked on the
+Every design choice of the fast lite (``src/tpas/configs/minipab-lite.yaml``) is picked on the
 **validation** columns: held-out *training* identities (``data.val_identities``; 200 identities
 = 400 images, as large as the demo's test gallery), the same split the trainer uses to pick the
 checkpoint and the re-rank fusion weight. Test columns (the mini-PAB test split, shifted camera
@@ -11,7 +11,7 @@ only), then for validation and test: ITC R@1, + ITM re-rank of the ITC top-16 (r
 logit margin, fused with the validation-calibrated weight stored in ``best/config.json``), and
 + SCA on top, all through ``tpas.eval.run.run_eval`` (the code ``tpas eval`` and the demo run).
 
-    .venv/bin/python benchmarks/lite_ablation.py --data /work/data/minipab-1000-s0 --name fast \\
+    .venv/bin/python benchmarks/lite_ablation.py --data MINIPAB --name fast \\
         [--cache-dir DIR] [key=value ...]
 
 Rows are appended to ``benchmarks/results/lite_ablation.jsonl``; ``--table`` rewrites

@@ -78,9 +78,9 @@ def reference_rerank(model, evalset, k: int, weight: float) -> tuple[np.ndarray,
     with torch.no_grad():
         for q in range(len(itc)):
             head = np.argsort(-itc[q], kind="stable")[:k]
-            itm = np.array([model.itm_logits(torch.from_numpy(img.tokens[[g]].astype(np.float32)),
-                                             torch.from_numpy(txt.tokens[[q]]), torch.from_numpy(txt.mask[[q]]))[0, 1]
-                            for g in head])
+            itm = np.array([model.itm_margin(torch.from_numpy(img.tokens[[g]].astype(np.float32)),
+                                             torch.from_numpy(txt.tokens[[q]]), torch.from_numpy(txt.mask[[q]]))[0]
+                            for g in head])  # the trained margin z1 - z0
             span = lambda x: (x - x.min()) / (x.max() - x.min())  # noqa: E731
             out[q, head] = span(itm) + weight * span(itc[q, head])
             raw[q, head] = itm
@@ -88,7 +88,6 @@ def reference_rerank(model, evalset, k: int, weight: float) -> tuple[np.ndarray,
 
 
 def test_rerank_and_post_processing_change_the_ranking_as_specified(model, tmp_path):
-    from dataclasses import replace
 
     from tpas.search.postprocess import postprocess
     from tpas.search.ranking import rank_evalset
@@ -108,8 +107,9 @@ def test_rerank_and_post_processing_change_the_ranking_as_specified(model, tmp_p
     ranking = rank_evalset(model, evalset, rerank=4, index_dir=tmp_path / "index", progress=False)
     np.testing.assert_allclose(ranking.itm[:, :4], np.take_along_axis(raw_itm, ranking.rows[:, :4], axis=1),
                                atol=1e-4)
-    reference = replace(ranking, itm=np.take_along_axis(raw_itm, ranking.rows, axis=1).astype(np.float32))
-    want_post = evaluate(postprocess(reference, "one_to_one", k=5).score_matrix(), *targets,
+    # (the assignment compares raw margins across queries, where a random model's near-ties make
+    # 1e-5 of float noise matter: it is checked on the ranking whose raw ITM was just matched)
+    want_post = evaluate(postprocess(ranking, "one_to_one", k=5).score_matrix(), *targets,
                          query_groups=evalset.query_groups(), ap_ks=(10,))
     post = run_eval(model, evalset, rerank=4, post="one_to_one", post_options={"k": 5},
                     index_dir=tmp_path / "index", progress=False)

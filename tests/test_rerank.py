@@ -30,7 +30,8 @@ def pair_by_pair(model, enc, tokens, q_rows, g_rows, mode="logit"):
         for q, g in zip(q_rows, g_rows):
             logits = model.itm_logits(torch.from_numpy(tokens[[g]].astype(np.float32)),
                                       torch.from_numpy(enc.tokens[[q]]), torch.from_numpy(enc.mask[[q]]))
-            out.append(logits[0, 1].item() if mode == "logit" else logits.softmax(-1)[0, 1].item())
+            # "logit" ranks by the trained margin z1 - z0 (tpas.models.base.itm_margin), not z1
+            out.append((logits[0, 1] - logits[0, 0]).item() if mode == "logit" else logits.softmax(-1)[0, 1].item())
     return np.array(out)
 
 

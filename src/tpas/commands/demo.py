@@ -16,8 +16,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="run folder (default runs/demo; an existing one is resumed)")
     p.add_argument("--identities", type=int, default=3200,
                    help="mini-PAB people to generate, test people included (default 3200)")
-    p.add_argument("--test-identities", type=int, default=200,
-                   help="of those, people in the test split (default 200: a 400-image test gallery)")
+    p.add_argument("--test-identities", type=int, default=None,
+                   help="of those, people in the test split (default 200, a 400-image test gallery; a fifth "
+                        "of --identities below 1,000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("--config", help="training config: a shipped config's name or a YAML path (default minipab-lite)")
     p.add_argument("--rerank", type=int, default=16, help="ITM re-rank depth in the results table (default 16)")
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
             raise TpasError(f"override {item!r} is not KEY=VALUE")
     if args.identities < 2:
         raise TpasError("--identities must be at least 2")
+    if args.test_identities is None:
+        args.test_identities = 200 if args.identities >= 1000 else max(1, round(args.identities / 5))
     if not 1 <= args.test_identities < args.identities:
         raise TpasError(f"--test-identities must be between 1 and --identities - 1 ({args.identities - 1}), "
                         f"got {args.test_identities}")
