@@ -88,7 +88,6 @@ def reference_rerank(model, evalset, k: int, weight: float) -> tuple[np.ndarray,
 
 
 def test_rerank_and_post_processing_change_the_ranking_as_specified(model, tmp_path):
-
     from tpas.search.postprocess import postprocess
     from tpas.search.ranking import rank_evalset
 
