@@ -142,7 +142,17 @@ def write_table(stem: Path) -> None:
                      f"{v.get('itc R@1', '–')} | {v.get('itm R@1', '–')} | {v.get('sca R@1', '–')} | "
                      f"{t.get('itc R@1', '–')} | {t.get('itm R@1', '–')} | {t.get('sca R@1', '–')} | "
                      f"{r.get('rerank_weight')} | `{r['command']}` |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    notes = [f"- **{r['name']}**: {r['note']}" for r in rows if r.get("note")]
+    what = ["", "What the rows change (each line's command holds its overrides):", "",
+            "- **fast-t0**: the first fast layout (s16 grid tokens, top 5 image blocks training, frozen text, 4 "
+            "cached views, 12 epochs) on the 1,000-person demo data;",
+            "- **frozen-pool2-3200-e4**: both towers frozen (computed once, 2 augmented views per image), MLP ITC heads, stride-16 bands in "
+            "the ITC vector, s16 tokens pooled to 6x3, 4 epochs, on 3,200 people (3,000 train);",
+            "- **frozen-bands-3200-e8**: the same with the 8 band tokens as the fusion's image tokens (the shipped "
+            "layout), 8 epochs. Both ran with the config of their day (2 cached views; the shipped one caches 1 "
+            "view and trains 6 epochs to fit the demo's budget: its figures are the demo's, docs/demo.md)."]
+    text = "\n".join(lines + what + ([""] + notes if notes else [])) + "\n"
+    stem.with_suffix(".md").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":
