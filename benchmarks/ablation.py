@@ -46,23 +46,11 @@ from tpas.eval.metrics import Metrics
 from tpas.eval.run import run_eval
 from tpas.eval.tables import markdown_table
 from tpas.models import create_model
-from tpas.search.calibrate import THRESHOLD_GRID, calibrate_post
-from tpas.search.postprocess import candidates
+from tpas.search.calibrate import CONFIDENCES, GAP_MULTIPLES, THRESHOLD_GRID, median_gap, pick_post
 from tpas.search.ranking import Ranking, rank_evalset, ranking_from_scores
 
 COLUMNS = ("R@1", "R@5", "R@10", "mAP", "mAP@10", "normal R@1", "anomaly R@1")
-GAP_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # tau and slack grids, in units of the median top-1 gap
-CONFIDENCES = ("itm", "itc", "fused")  # the raw scores a method may compare; ties keep the first
 PROTOCOL_SPLITS = {"test": "test", "track4": "track4"}
-
-
-def median_gap(ranking: Ranking, confidence: str = "auto") -> float:
-    """Median over queries of the gap between their two best raw confidences: the unit the tau and
-    slack grids scale by."""
-    best_two = -np.sort(-candidates(ranking, confidence).conf, axis=1)[:, :2]
-    gap = best_two[:, 0] - best_two[:, 1]
-    gap = gap[np.isfinite(gap)]
-    return float(np.median(gap)) if len(gap) and np.median(gap) > 0 else 1.0
 
 
 def fused(first: Ranking, second: Ranking) -> Ranking:
@@ -79,16 +67,8 @@ def rank_pair(models, evalset, rerank: int, work: Path) -> list[Ranking]:
 
 def pick(ranking: Ranking, targets, method: str, option: str, grid_for, conservative: str,
          confidences=CONFIDENCES, **fixed) -> dict:
-    """The best (confidence, value) on validation: ``calibrate_post`` for each confidence over
-    ``grid_for(confidence)``; a later confidence must do strictly better to win."""
-    best: dict = {}
-    for confidence in confidences:
-        value, table = calibrate_post(ranking, *targets, method, option, grid_for(confidence), conservative,
-                                      confidence=confidence, **fixed)
-        best.setdefault("tables", {})[confidence] = table
-        if "r1" not in best or table[value] > best["r1"]:
-            best.update(confidence=confidence, value=value, r1=table[value])
-    return best
+    """:func:`tpas.search.calibrate.pick_post` on a validation ranking and its (query, gallery) targets."""
+    return pick_post(ranking, *targets, method, option, grid_for, conservative, confidences, **fixed)
 
 
 def calibrate(models, args, work: Path) -> dict:

@@ -182,9 +182,11 @@ def test_single_process_training_writes_loadable_best_and_last(reference_run):
     assert best_model.config.rerank_depth == 16 and best_model.config.rerank_gain == calib["gain"]
     assert calib["r1_by_weight"][str(calib["weight"])] == max(calib["r1_by_weight"].values()) == calib["R@1"]
     assert calib["gain"] == pytest.approx(calib["R@1"] - best["R@1"])
-    sca = best["sca_calibration"]  # SCA's threshold, picked on the same split after training
-    assert best_model.config.sca_threshold == sca["threshold"]
-    assert sca["r1_by_threshold"][str(sca["threshold"])] == max(sca["r1_by_threshold"].values())
+    sca = best["sca_calibration"]  # SCA's options, picked on the same split after training
+    assert best_model.config.sca_threshold == sca["options"]["threshold"]
+    assert {"threshold": best_model.config.sca_threshold, **best_model.config.sca_options} == sca["options"]
+    tried = [r for table in (*sca["threshold"]["tables"].values(), *sca["tau"]["tables"].values()) for r in table.values()]
+    assert sca["r1"] == max(tried)  # the best R@1 of every (rule, confidence, value) tried
     last = create_model(out / "last")
     trained = _weights(out)
     assert all(torch.equal(v, trained[k]) for k, v in last.state_dict().items())

@@ -62,6 +62,8 @@ class ModelConfig:
     # SCA's text-similarity threshold (cosine of text embeddings), picked on the validation split
     # (tpas.search.calibrate.calibrate_sca_threshold); None = tpas.search.postprocess's default
     sca_threshold: float | None = None
+    # SCA's other validation-picked options (rule, tau, confidence: tpas.search.calibrate.calibrate_sca)
+    sca_options: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

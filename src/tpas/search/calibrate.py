@@ -26,18 +26,23 @@ from collections.abc import Sequence
 import numpy as np
 
 from tpas.data.records import EvalSet
-from tpas.search.postprocess import NO_GATE, postprocess
+from tpas.search.postprocess import NO_GATE, candidates, postprocess
 from tpas.search.ranking import Ranking, fuse, rank_evalset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["THRESHOLD_GRID", "WEIGHT_GRID", "calibrate_on_evalset", "calibrate_post", "calibrate_sca_on_evalset",
+__all__ = ["CONFIDENCES", "GAP_MULTIPLES", "THRESHOLD_GRID", "WEIGHT_GRID", "calibrate_on_evalset", "calibrate_post",
+           "calibrate_sca", "calibrate_sca_on_evalset", "median_gap", "pick_post",
            "calibrate_sca_threshold", "calibrate_weight", "top1_recall"]
 
 # ITC weights tried by calibrate_weight: from upstream's 0.002 (ITM decides) to 100 (ITC decides, ITM breaks ties)
 WEIGHT_GRID = (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 # SCA's text-cosine thresholds tried by calibrate_sca_threshold: from "every pair" (-1) to near-duplicates only
 THRESHOLD_GRID = (NO_GATE, 0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
+# the raw scores a query-set method may compare (tpas.search.postprocess.candidates); ties keep the first
+CONFIDENCES = ("itm", "itc", "fused")
+# tau and slack grids, in units of the median top-1 - top-2 gap of the compared confidence
+GAP_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def calibrate_weight(itm: np.ndarray, itc: np.ndarray, positives: np.ndarray,
@@ -139,3 +144,55 @@ def calibrate_sca_on_evalset(model, evalset: EvalSet, rerank: int = 16, grid: Se
     ranking = rank_evalset(model, evalset, rerank=rerank, depth=max(rerank, 10), batch_size=batch_size,
                            progress=progress)
     return calibrate_sca_threshold(ranking, evalset.query_targets(), evalset.gallery_targets(), grid, **sca_options)
+
+
+def median_gap(ranking: Ranking, confidence: str = "auto") -> float:
+    """Median over queries of the gap between their two best raw confidences: the unit tau and
+    slack grids scale by, so that they follow the score's units (ITM margins, cosines, RRF values)."""
+    best_two = -np.sort(-candidates(ranking, confidence).conf, axis=1)[:, :2]
+    gap = best_two[:, 0] - best_two[:, 1]
+    gap = gap[np.isfinite(gap)]
+    return float(np.median(gap)) if len(gap) and np.median(gap) > 0 else 1.0
+
+
+def gap_grid(ranking: Ranking, confidence: str) -> tuple[float, ...]:
+    """:data:`GAP_MULTIPLES` of the ranking's :func:`median_gap` for ``confidence``."""
+    return tuple(float(f"{median_gap(ranking, confidence) * m:.3g}") for m in GAP_MULTIPLES)
+
+
+def pick_post(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence, method: str, option: str,
+              grid_for, conservative: str, confidences: Sequence[str] = CONFIDENCES, **fixed) -> dict:
+    """The best (confidence, value) on a validation ranking: :func:`calibrate_post` for each
+    confidence over ``grid_for(confidence)``; a later confidence must do strictly better to win.
+    Returns ``{"confidence", "value", "r1", "tables": {confidence: {value: R@1}}}``."""
+    best: dict = {"tables": {}}
+    for confidence in confidences:
+        value, table = calibrate_post(ranking, query_targets, gallery_targets, method, option, grid_for(confidence),
+                                      conservative, confidence=confidence, **fixed)
+        best["tables"][confidence] = table
+        if "r1" not in best or table[value] > best["r1"]:
+            best.update(confidence=confidence, value=value, r1=table[value])
+    return best
+
+
+def calibrate_sca(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence) -> tuple[dict, dict]:
+    """SCA's options picked on a validation ranking: the text threshold and the compared score for
+    the seed rule (the lower confidence moves), then tau for the margin rule (the query that loses
+    least by moving moves); the margin rule is kept only when it does strictly better.
+
+    Returns (options for ``postprocess(ranking, "sca", **options)``, a record of every R@1 tried).
+    Store ``options["threshold"]`` as ``config.sca_threshold`` and the rest as ``config.sca_options``.
+    """
+    confidences = CONFIDENCES if ranking.head > 0 else ("itc",)  # ITM and the fusion need a re-ranked head
+    threshold = pick_post(ranking, query_targets, gallery_targets, "sca", "threshold", lambda c: THRESHOLD_GRID, "max",
+                          confidences)
+    options = {"threshold": threshold["value"], "confidence": threshold["confidence"]}
+    tau = pick_post(ranking, query_targets, gallery_targets, "sca", "tau",
+                    lambda c: (0.0, *gap_grid(ranking, c)), "max", confidences, threshold=threshold["value"],
+                    rule="margin")
+    if tau["r1"] > threshold["r1"]:
+        options.update(rule="margin", tau=tau["value"], confidence=tau["confidence"])
+    record = {"options": options, "r1": max(threshold["r1"], tau["r1"]), "threshold": threshold, "tau": tau}
+    log.info("sca on validation: %s (R@1 %.2f; seed rule %.2f, margin rule %.2f)", options, record["r1"],
+             threshold["r1"], tau["r1"])
+    return options, record

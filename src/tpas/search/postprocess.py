@@ -367,6 +367,9 @@ def resolve_post_options(model, method: str, options: dict[str, Any] | None) -> 
                         "(pick one on validation: tpas.search.calibrate.calibrate_sca_threshold)",
                         DEFAULT_SCA_THRESHOLD)
         options["threshold"] = float(DEFAULT_SCA_THRESHOLD if stored is None else stored)
+    if method == "sca":  # the rule, tau and compared score validation picked, unless given
+        for key, value in (getattr(getattr(model, "config", None), "sca_options", None) or {}).items():
+            options.setdefault(key, value)
     return options
 
 

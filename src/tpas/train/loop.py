@@ -556,11 +556,12 @@ class Trainer:
         return self.out
 
     def _calibrate_sca(self) -> None:
-        """Store SCA's validation-picked text-similarity threshold in ``best/``
-        (:func:`tpas.search.calibrate.calibrate_sca_on_evalset`), on the ranking the model will serve:
-        ITM re-ranked at its validated depth when re-ranking gained on validation, else ITC."""
+        """Store SCA's validation-picked options in ``best/`` (:func:`tpas.search.calibrate.calibrate_sca`:
+        text threshold, rule, tau and the compared score), on the ranking the model will serve: ITM
+        re-ranked at its validated depth when re-ranking gained on validation, else ITC."""
         from tpas.models import create_model
-        from tpas.search.calibrate import calibrate_sca_on_evalset
+        from tpas.search.calibrate import calibrate_sca
+        from tpas.search.ranking import rank_evalset
         from tpas.utils.io import write_json
 
         best = self.out / "best"
@@ -572,18 +573,27 @@ class Trainer:
             return  # already calibrated (a resumed run that had finished)
         depth = config.rerank_depth if config.rerank_depth and (config.rerank_gain or 0) > 0 else 0
         with torch.random.fork_rng(devices=[]):
-            threshold, table = calibrate_sca_on_evalset(model, self.valset, rerank=depth,
-                                                        batch_size=self.config.val.batch_size)
-        config.sca_threshold = threshold
+            ranking = rank_evalset(model, self.valset, rerank=depth, depth=max(depth, 10),
+                                   batch_size=self.config.val.batch_size, progress=False)
+            options, record = calibrate_sca(ranking, self.valset.query_targets(), self.valset.gallery_targets())
+        config.sca_threshold = options["threshold"]
+        config.sca_options = {k: v for k, v in options.items() if k != "threshold"}
         metrics_file = best / "metrics.json"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
         tmp = self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        record = {"rerank": depth, "threshold": threshold, "r1_by_threshold": {str(t): r for t, r in table.items()}}
-        write_json(tmp / "metrics.json", {**metrics, "sca_calibration": record})
+        record = {"rerank": depth, **record}
+        write_json(tmp / "metrics.json", {**metrics, "sca_calibration": _json_keys(record)})
         _replace_dir(tmp, best)
-        self._log({"step": self.state["step"], "sca_calibration": record})
+        self._log({"step": self.state["step"], "sca_calibration": _json_keys(record)})
+
+
+def _json_keys(value: Any) -> Any:
+    """``value`` with every dict key a string (JSON objects cannot have float keys)."""
+    if isinstance(value, dict):
+        return {str(k): _json_keys(v) for k, v in value.items()}
+    return value
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
