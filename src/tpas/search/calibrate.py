@@ -13,9 +13,11 @@ no weight is given.
 
 **Post-processing.** SCA's text-similarity gate (:data:`THRESHOLD_GRID`), its margin ``tau`` and the
 assignment's slack price are chosen the same way: post-process a validation ranking with each
-value and keep the best R@1 (:func:`calibrate_post`; :func:`calibrate_sca_threshold` for the
-threshold, stored as ``model.config.sca_threshold``; :func:`calibrate_sca_on_evalset` ranks a
-split first). Ties go to the most conservative value, the one that moves fewest queries.
+value and keep the best R@1 (:func:`calibrate_post`, :func:`pick_post` over the compared raw
+scores). :func:`calibrate_sca` picks SCA's threshold, rule, tau and compared score together, as
+training does after its last step (stored as ``model.config.sca_threshold`` and ``sca_options``);
+:func:`calibrate_sca_threshold` picks the threshold alone. Ties go to the most conservative value,
+the one that moves fewest queries.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from tpas.search.ranking import Ranking, fuse, rank_evalset
 log = logging.getLogger(__name__)
 
 __all__ = ["CONFIDENCES", "GAP_MULTIPLES", "THRESHOLD_GRID", "WEIGHT_GRID", "calibrate_on_evalset", "calibrate_post",
-           "calibrate_sca", "calibrate_sca_on_evalset", "median_gap", "pick_post",
-           "calibrate_sca_threshold", "calibrate_weight", "top1_recall"]
+           "calibrate_ranking", "calibrate_sca", "calibrate_sca_on_evalset", "calibrate_sca_threshold",
+           "calibrate_weight", "gap_grid", "median_gap", "pick_post", "top1_recall"]
 
 # ITC weights tried by calibrate_weight: from upstream's 0.002 (ITM decides) to 100 (ITC decides, ITM breaks ties)
 WEIGHT_GRID = (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
