@@ -46,7 +46,7 @@ from tpas.eval.metrics import Metrics
 from tpas.eval.run import run_eval
 from tpas.eval.tables import markdown_table
 from tpas.models import create_model
-from tpas.search.calibrate import CONFIDENCES, GAP_MULTIPLES, THRESHOLD_GRID, median_gap, pick_post
+from tpas.search.calibrate import CONFIDENCES, THRESHOLD_GRID, gap_grid, pick_post
 from tpas.search.ranking import Ranking, rank_evalset, ranking_from_scores
 
 COLUMNS = ("R@1", "R@5", "R@10", "mAP", "mAP@10", "normal R@1", "anomaly R@1")
@@ -81,7 +81,7 @@ def calibrate(models, args, work: Path) -> dict:
     first = rankings[0]
 
     def gaps(ranking):
-        return lambda conf: tuple(float(f"{median_gap(ranking, conf) * m:.3g}") for m in GAP_MULTIPLES)
+        return lambda conf: gap_grid(ranking, conf)
 
     knobs = {"val_queries": len(valset.queries), "val_gallery": len(valset.gallery)}
     knobs["threshold"] = pick(first, targets, "sca", "threshold", lambda conf: THRESHOLD_GRID, "max")

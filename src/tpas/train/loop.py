@@ -428,15 +428,19 @@ class Trainer:
         return metrics
 
     def _save_best(self, metrics: Metrics, rerank: dict | None = None) -> None:
+        record = {"step": self.state["step"], "epoch": self.state["epoch"], **metrics.to_dict()}
+        if rerank is not None:
+            record["rerank_calibration"] = rerank
+        self._write_best(self.unwrapped, record)
+
+    def _write_best(self, model: nn.Module, metrics: dict[str, Any]) -> None:
+        """Replace ``<out>/best`` with ``model`` and its ``metrics.json`` in one move (tmp dir + rename)."""
         from tpas.utils.io import write_json
 
         tmp = self.out / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.unwrapped.save_pretrained(tmp)
-        record = {"step": self.state["step"], "epoch": self.state["epoch"], **metrics.to_dict()}
-        if rerank is not None:
-            record["rerank_calibration"] = rerank
-        write_json(tmp / "metrics.json", record)
+        model.save_pretrained(tmp)
+        write_json(tmp / "metrics.json", metrics)
         _replace_dir(tmp, self.out / "best")
 
     # -- logging -------------------------------------------------------------------------------
@@ -562,7 +566,6 @@ class Trainer:
         from tpas.models import create_model
         from tpas.search.calibrate import calibrate_sca
         from tpas.search.ranking import rank_evalset
-        from tpas.utils.io import write_json
 
         best = self.out / "best"
         if self.valset is None or not (best / "config.json").is_file():
@@ -580,12 +583,8 @@ class Trainer:
         config.sca_options = {k: v for k, v in options.items() if k != "threshold"}
         metrics_file = best / "metrics.json"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-        tmp = self.out / ".tmp-best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
         record = {"rerank": depth, **record}
-        write_json(tmp / "metrics.json", {**metrics, "sca_calibration": _json_keys(record)})
-        _replace_dir(tmp, best)
+        self._write_best(model, {**metrics, "sca_calibration": _json_keys(record)})
         self._log({"step": self.state["step"], "sca_calibration": _json_keys(record)})
 
 
