@@ -82,13 +82,18 @@ def candidates(config):
     return trainset, pairs, held
 
 
-def train_once(config, out: Path, trainset) -> float:
-    """Train into ``out`` (resuming a killed run); seconds spent here."""
+def train_once(config, out: Path, trainset, work: Path) -> float:
+    """Train into ``out`` (resuming a killed run); seconds spent here.
+
+    With a frozen-bottom model (``train_cache_views``) every run reads one feature cache of all the
+    candidate pairs under ``work/feature-cache``: the first run pays for it, the others load it.
+    """
     from tpas.train import train
 
     start = time.perf_counter()
     config.train.out = str(out)
-    train(config, resume=(out / "checkpoints" / "latest").is_file(), trainset=trainset)
+    train(config, resume=(out / "checkpoints" / "latest").is_file(), trainset=trainset,
+          cache_dir=work / "feature-cache", cache_pool=True)
     return time.perf_counter() - start
 
 
@@ -101,7 +106,7 @@ def selection_model(args, trainset, work: Path) -> tuple[str, dict]:
     if not done.is_file():
         seconds = train_once(run_config(args, [f"train.max_steps={args.proxy_steps}",
                                                f"data.select=random:{args.proxy_size}",
-                                               f"val.every={args.proxy_steps}"]), proxy, trainset)
+                                               f"val.every={args.proxy_steps}"]), proxy, trainset, work)
         write_json(done, {"steps": args.proxy_steps, "size": args.proxy_size, "train_seconds": round(seconds, 1)})
     return str(proxy / "best"), {"proxy": json.loads(done.read_text())}
 
@@ -150,7 +155,7 @@ def run_one(args, name: str, select: Path | None, trainset, test, work: Path) ->
         return json.loads(result_file.read_text())
     config = run_config(args, [f"data.select={select / 'ids.txt'}"] if select else [])
     load_before = os.getloadavg()
-    seconds = train_once(config, out, trainset)
+    seconds = train_once(config, out, trainset, work)
     test_metrics = run_eval(create_model(out / "best"), test, rerank=args.rerank, progress=False).metrics
     best = json.loads((out / "best" / "metrics.json").read_text())
     result = {"run": name, "train_seconds": round(seconds, 1), "best_step": best.get("step"),

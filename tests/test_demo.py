@@ -54,11 +54,11 @@ def test_demo_writes_every_output(demo_run, capsys):
     out, _ = demo_run
     for rel in ["minipab/annotation/test/attr.json", "model/config.json", "index/meta.json", "results.md",
                 "results.json", "report.html", "examples.txt", "eval/itc/metrics.json", "eval/itc+itm/report.html",
-                "eval/itc+itm+sca/metrics.json"]:
+                "eval/itc+itm+sca/metrics.json", "eval/itc+itm+assign/metrics.json"]:
         assert (out / rel).is_file(), rel
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["itc", "itc+itm", "itc+itm+sca"]
-    assert [(r["rerank"], r["post"]) for r in rows] == [(0, "none"), (4, "none"), (4, "sca")]
+    assert [r["name"] for r in rows] == ["itc", "itc+itm", "itc+itm+sca", "itc+itm+assign"]
+    assert [(r["rerank"], r["post"]) for r in rows] == [(0, "none"), (4, "none"), (4, "sca"), (4, "assign")]
     # every row is what `tpas eval` gives for that setting on the demo's model and test split
     from tpas.data.datasets import load_eval
     from tpas.eval.run import run_eval

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from tpas.search.calibrate import calibrate_post, calibrate_sca_threshold
-from tpas.search.postprocess import candidates, postprocess
+from tpas.search.calibrate import beats_doing_nothing, calibrate_assign, calibrate_post, calibrate_sca_threshold
+from tpas.search.postprocess import candidates, postprocess, resolve_post_options
 from tpas.search.ranking import Ranking, fuse, ranking_from_scores
 
 
@@ -224,7 +224,8 @@ def test_calibration_picks_on_validation_and_prefers_conservative_ties():
     texts = np.array([[1, 0, 0], [0.99, 0.14, 0], [0, 0, 1], [0, 0.8, 0.6]], np.float32)
     r = ranking_from_scores(scores, depth=4, text_embeds=texts)
     query_targets, gallery_targets = ["a", "b", "c", "c"], ["a", "b", "c", "d"]
-    threshold, table = calibrate_sca_threshold(r, query_targets, gallery_targets, grid=(-1.0, 0.5, 0.9, 0.995))
+    threshold, table = calibrate_sca_threshold(r, query_targets, gallery_targets, grid=(-1.0, 0.5, 0.9, 0.995),
+                                               min_z=0)  # one query fixed: no noise guard on 4 queries
     assert table == {-1.0: 75.0, 0.5: 75.0, 0.9: 100.0, 0.995: 75.0} and threshold == 0.9
     # nothing to gain anywhere: the most conservative value wins
     value, _ = calibrate_post(r, ["a", "a", "c", "c"], gallery_targets, "assign", "slack", (0.01, 0.1, 1.0), "min")
@@ -263,3 +264,75 @@ def test_assign_with_slack_reaches_the_brute_force_optimum(seed):
     out = postprocess(ranking_from_scores(scores, depth=5), "assign", k=2, slack=slack)
     chosen_pos = np.array([list(cand[q]).index(out.rows[q, 0]) for q in range(6)])
     assert slack_objective(scores, cand, chosen_pos, slack) == pytest.approx(best, abs=1e-5)
+
+
+# three queries crowd onto image 0; query 2's own image (3) sits third in its list, behind image 4,
+# which query 3 holds firmly: out of reach of the published top-2
+CROWDED = np.array([[0.90, 0.80, 0.00, 0.00, 0.00],
+                    [0.88, 0.00, 0.80, 0.00, 0.00],
+                    [0.86, 0.00, 0.00, 0.80, 0.84],
+                    [0.10, 0.00, 0.00, 0.00, 0.95]], np.float32)
+CROWDED_TARGETS = (["a", "b", "c", "e"], ["a", "d", "b", "c", "e"])
+
+
+def test_calibrate_assign_reaches_past_the_top_2_when_validation_says_so():
+    r = ranking_from_scores(CROWDED, depth=5)
+    # at top-2 nobody can hand query 2 its image, whatever the slack
+    assert all(3 not in top1(postprocess(r, "assign", k=2, slack=s)) for s in (0.05, 0.2, 1.0, 5.0))
+    options, record = calibrate_assign(r, *CROWDED_TARGETS, k_grid=(2, 3, 5), min_z=0)
+    assert options["k"] == 3 and options["confidence"] == "itc"  # the smallest depth that reaches 100
+    assert record["r1"] == 100.0 and record["before"] == 50.0
+    assert max(record["tables"][2]["itc"].values()) == 75.0
+    assert top1(postprocess(r, "assign", **options)) == [0, 2, 3, 4]
+
+
+def test_calibrate_assign_picks_no_move_when_moving_only_hurts():
+    # both collisions are right where they stand (the gallery has two images per target)
+    r = ranking_from_scores(CROWDED, depth=5)
+    options, record = calibrate_assign(r, ["a", "a", "a", "e"], ["a", "x", "y", "z", "e"])
+    assert options["k"] == 1 and record["r1"] == record["before"] == 100.0  # k = 1: every query keeps its top-1
+    assert top1(postprocess(r, "assign", **options)) == top1(r)
+
+
+class _Config:
+    sca_threshold = 0.8
+    sca_options = {"rule": "margin", "tau": 0.3, "confidence": "fused"}
+    assign_options = {"k": 5, "slack": 2.0, "confidence": "itc"}
+
+
+class _Model:
+    config = _Config()
+
+
+def test_stored_options_fill_in_only_on_rankings_with_their_score_units(caplog):
+    own = ranking_from_scores(CROWDED, depth=5)  # a model's ITC ranking, not re-ranked
+    assert resolve_post_options(_Model(), "assign", {}, own) == {"k": 5, "slack": 2.0, "confidence": "itc"}
+    assert resolve_post_options(_Model(), "assign", {"k": 2}, own)["k"] == 2  # given beats stored
+    # SCA's options were picked on the re-ranked fusion: on an ITC-only ranking only the text gate carries over
+    with caplog.at_level("WARNING"):
+        assert resolve_post_options(_Model(), "sca", {}, own) == {"threshold": 0.8}
+    assert "not used" in caplog.text
+    fused = ranking_from_scores(CROWDED, depth=5, scorer="rrf")  # a fusion of systems: other units
+    assert resolve_post_options(_Model(), "assign", {}, fused) == {}
+    assert resolve_post_options(_Model(), "sca", {}, None)["tau"] == 0.3  # no ranking to check: stored as is
+
+
+def test_a_setting_must_beat_doing_nothing_by_more_than_noise():
+    before = np.array([True] * 50 + [False] * 50)
+    after = before.copy()
+    after[50:53] = True  # 3 fixed ...
+    after[0] = False  # ... 1 broken: +2 on 100 queries, well inside a coin flip's spread (2 * sqrt(4))
+    assert not beats_doing_nothing(before, after) and beats_doing_nothing(before, after, min_z=0)
+    after[53:60] = True  # 10 fixed, 1 broken: 9 > 2 * sqrt(11)
+    assert beats_doing_nothing(before, after)
+    # calibration: the crowded queries gain two of four, too few to count, so the no-move slack wins
+    r = ranking_from_scores(CROWDED, depth=5)
+    options, record = calibrate_assign(r, *CROWDED_TARGETS, k_grid=(2, 3, 5))
+    assert options["k"] == 1 and record["r1"] == record["before"] == 50.0
+    assert top1(postprocess(r, "assign", **options)) == top1(r)
+    # twelve independent copies of the same crowd (48 queries): now the gain is real
+    many = np.kron(np.eye(12, dtype=np.float32), CROWDED)
+    queries = [f"{t}{i}" for i in range(12) for t in CROWDED_TARGETS[0]]
+    gallery = [f"{t}{i}" for i in range(12) for t in CROWDED_TARGETS[1]]
+    options, record = calibrate_assign(ranking_from_scores(many, depth=5), queries, gallery, k_grid=(2, 3, 5))
+    assert options["k"] == 3 and record["r1"] == 100.0

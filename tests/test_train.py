@@ -185,8 +185,12 @@ def test_single_process_training_writes_loadable_best_and_last(reference_run):
     sca = best["sca_calibration"]  # SCA's options, picked on the same split after training
     assert best_model.config.sca_threshold == sca["options"]["threshold"]
     assert {"threshold": best_model.config.sca_threshold, **best_model.config.sca_options} == sca["options"]
-    tried = [r for table in (*sca["threshold"]["tables"].values(), *sca["tau"]["tables"].values()) for r in table.values()]
-    assert sca["r1"] == max(tried)  # the best R@1 of every (rule, confidence, value) tried
+    assert sca["r1"] == max(sca["seed"]["r1"], sca["margin"]["r1"])  # the better rule is what was stored
+    if sca["options"]["rule"] == "margin":
+        assert (sca["options"]["tau"], sca["options"]["threshold"]) == (sca["margin"]["tau"], sca["margin"]["threshold"])
+    assign = best["assign_calibration"]  # and the assignment's depth, slack and compared score
+    assert best_model.config.assign_options == assign["options"]
+    assert assign["options"]["k"] in (2, 3, 5, 10, 16) and assign["r1"] >= assign["before"]
     last = create_model(out / "last")
     trained = _weights(out)
     assert all(torch.equal(v, trained[k]) for k, v in last.state_dict().items())

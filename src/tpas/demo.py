@@ -8,7 +8,8 @@ resumes where it stopped):
               is copied to ``model/``, the checkpoints (optimizer state included) and the run's
               ``last/`` and ``best/`` copies are removed: the demo never reads them again
 3. ``index``  index the test gallery (with image tokens, for ITM): shared by eval and the page
-4. ``eval``   evaluate on the test split: ITC only, + ITM re-ranking, + SCA  -> results.md/json
+4. ``eval``   evaluate on the test split: ITC only, + ITM re-ranking, + SCA, + global assignment
+              (SCA and assignment with the options training picked on validation) -> results.md/json
 5. ``report`` report.html: the table plus links to each setting's retrieval report
 6. ``serve``  the search page on 127.0.0.1 until Ctrl-C (skipped with ``--no-serve``)
 
@@ -93,6 +94,8 @@ def settings_for(opts: DemoOptions) -> list[Setting]:
         Setting("itc", "trained lite, ITC only"),
         Setting("itc+itm", f"+ ITM re-rank top-{opts.rerank}", rerank=opts.rerank),
         Setting("itc+itm+sca", f"+ ITM re-rank top-{opts.rerank} + SCA", rerank=opts.rerank, post="sca"),
+        Setting("itc+itm+assign", f"+ ITM re-rank top-{opts.rerank} + global assignment", rerank=opts.rerank,
+                post="assign"),
     ]
     return rows
 
@@ -224,7 +227,9 @@ code {{ background: #f1f3f6; padding: 1px 4px; border-radius: 4px; }}
 <h1>tpas demo</h1>
 <p>Text-to-image retrieval on a generated mini-PAB test split (R@K, mAP and mINP in percent; every
 query has exactly one positive image). ITM re-ranking re-scores the ITC top-K with the fusion
-head; SCA then resolves queries that claim the same top-1 image.</p>
+head; SCA then resolves queries that claim the same top-1 image (the weaker claim moves on), and
+global assignment resolves them all at once (each query takes one of its top candidates, each image
+goes to one query). Both use settings picked on held-out training people, never on this split.</p>
 {table}
 <h2>Run</h2><ul>{facts}</ul>
 {preview}

@@ -142,7 +142,8 @@ def run_fusion(systems: list[System], evalset: EvalSet, *, method: str = "rrf", 
                report_queries: int = 24) -> EvalResult:
     """Fuse ``systems``, then post-process, score and write through :func:`~tpas.eval.run.run_eval`.
 
-    ``model`` (optional, e.g. the first system's) supplies the stored SCA threshold. With
+    ``model`` (optional, e.g. the first system's) supplies the stored SCA text threshold (its stored
+    tau and slack are in its own score units, not the fusion's, and are not used). With
     ``out_dir``, ``fusion.json`` records the systems and the fusion next to ``metrics.json``.
     """
     depth = max(10, int((post_options or {}).get("k", 10)))

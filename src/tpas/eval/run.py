@@ -115,9 +115,9 @@ def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None =
     ``rerank`` = ITC top-k re-scored by ITM (0 = ITC only), fused with ``weight`` (None = the
     model's calibrated weight, else upstream's). ``post`` = none | sca | assign | one_to_one |
     dual_softmax (valid only when each gallery image answers at most one query: see
-    :func:`check_one_to_one` and :mod:`tpas.search.postprocess`), with ``post_options`` (SCA's
-    threshold defaults to the model's ``config.sca_threshold``); ``assume_one_to_one`` silences
-    the warning for a gallery much larger than the query set. The gallery index goes to
+    :func:`check_one_to_one` and :mod:`tpas.search.postprocess`), with ``post_options`` (missing
+    ones come from the model's validation-picked ``config.sca_threshold``, ``sca_options`` and
+    ``assign_options``: :func:`resolve_post_options`); ``assume_one_to_one`` silences the warning for a gallery much larger than the query set. The gallery index goes to
     ``index_dir`` (default ``out_dir/index``, reused when it matches; in memory when neither is
     given). ``ranking``: a ranking of this evalset made earlier (by
     :func:`~tpas.search.ranking.rank_evalset`, or a fusion) to post-process and score again
@@ -126,7 +126,6 @@ def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None =
     if post not in POST_METHODS:
         raise ValueError(f"unknown post-processing {post!r}; choose from {POST_METHODS}")
     check_one_to_one(evalset, post, assume_one_to_one)
-    post_options = resolve_post_options(model, post, post_options)
     out = Path(out_dir) if out_dir is not None else None
     timings: dict[str, float] = {}
 
@@ -137,6 +136,7 @@ def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None =
                                index_dir=index_dir or (out / "index" if out is not None else None),
                                batch_size=batch_size, workers=workers, progress=progress)
     timings["rank_s"] = time.perf_counter() - t0
+    post_options = resolve_post_options(model, post, post_options, ranking)
 
     # 2. post-process (on the ranking's raw scores; a new ranking, the given one stays intact)
     t0 = time.perf_counter()

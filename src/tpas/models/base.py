@@ -64,6 +64,9 @@ class ModelConfig:
     sca_threshold: float | None = None
     # SCA's other validation-picked options (rule, tau, confidence: tpas.search.calibrate.calibrate_sca)
     sca_options: dict[str, Any] | None = None
+    # the global assignment's validation-picked options (k, slack, confidence:
+    # tpas.search.calibrate.calibrate_assign); None = tpas.search.postprocess.assign's defaults
+    assign_options: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

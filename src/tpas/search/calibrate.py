@@ -16,26 +16,32 @@ assignment's slack price are chosen the same way: post-process a validation rank
 value and keep the best R@1 (:func:`calibrate_post`, :func:`pick_post` over the compared raw
 scores). :func:`calibrate_sca` picks SCA's threshold, rule, tau and compared score together, as
 training does after its last step (stored as ``model.config.sca_threshold`` and ``sca_options``);
-:func:`calibrate_sca_threshold` picks the threshold alone. Ties go to the most conservative value,
-the one that moves fewest queries.
+:func:`calibrate_sca_threshold` picks the threshold alone. :func:`calibrate_assign` picks the
+assignment's depth ``k``, slack and compared score together (stored as ``model.config.assign_options``):
+the depth matters most, since a query can only be handed one of its top-``k``, and a look-alike
+whose true image sits third or fifth is out of reach of the published top-2. Ties go to the most
+conservative value, the one that moves fewest queries.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
 from tpas.data.records import EvalSet
 from tpas.search.postprocess import NO_GATE, candidates, postprocess
+from tpas.search.postprocess import log as postprocess_log
 from tpas.search.ranking import Ranking, fuse, rank_evalset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONFIDENCES", "GAP_MULTIPLES", "THRESHOLD_GRID", "WEIGHT_GRID", "calibrate_on_evalset", "calibrate_post",
-           "calibrate_ranking", "calibrate_sca", "calibrate_sca_on_evalset", "calibrate_sca_threshold",
-           "calibrate_weight", "gap_grid", "median_gap", "pick_post", "top1_recall"]
+__all__ = ["ASSIGN_K_GRID", "CONFIDENCES", "GAP_MULTIPLES", "MIN_Z", "THRESHOLD_GRID", "WEIGHT_GRID",
+           "beats_doing_nothing", "calibrate_assign", "calibrate_on_evalset", "calibrate_post", "calibrate_ranking",
+           "calibrate_sca", "calibrate_sca_on_evalset", "calibrate_sca_threshold", "calibrate_weight", "gap_grid",
+           "median_gap", "pick_post", "post_hits", "top1_hits", "top1_recall"]
 
 # ITC weights tried by calibrate_weight: from upstream's 0.002 (ITM decides) to 100 (ITC decides, ITM breaks ties)
 WEIGHT_GRID = (0.002, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -45,6 +51,11 @@ THRESHOLD_GRID = (NO_GATE, 0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 
 CONFIDENCES = ("itm", "itc", "fused")
 # tau and slack grids, in units of the median top-1 - top-2 gap of the compared confidence
 GAP_MULTIPLES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+# a post-processing setting must beat the untouched ranking by this many standard deviations of a
+# sign test on the queries it changed (calibrate.beats_doing_nothing) to be picked
+MIN_Z = 2.0
+# how many of its candidates a query may be assigned (calibrate_assign); 2 is the published setting
+ASSIGN_K_GRID = (2, 3, 5, 10, 16)
 
 
 def calibrate_weight(itm: np.ndarray, itc: np.ndarray, positives: np.ndarray,
@@ -95,33 +106,91 @@ def calibrate_ranking(ranking: Ranking, evalset: EvalSet, grid: Sequence[float] 
     return weight, table
 
 
-def top1_recall(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence) -> float:
-    """R@1 in percent of a ranking's first listed rows (what post-processing changes)."""
+def top1_hits(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence) -> np.ndarray:
+    """[Q] bool: is each query's first listed row a true match (what post-processing changes)."""
     gallery = np.asarray(gallery_targets, dtype=object)
     first = ranking.rows[:, 0]
-    hits = (first >= 0) & (gallery[np.maximum(first, 0)] == np.asarray(query_targets, dtype=object))
+    return (first >= 0) & (gallery[np.maximum(first, 0)] == np.asarray(query_targets, dtype=object))
+
+
+def top1_recall(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence) -> float:
+    """R@1 in percent of a ranking's first listed rows."""
+    hits = top1_hits(ranking, query_targets, gallery_targets)
     return float(hits.mean() * 100) if len(hits) else 0.0
 
 
+def beats_doing_nothing(before: np.ndarray, after: np.ndarray, min_z: float = MIN_Z) -> bool:
+    """Does a post-processed top-1 beat the untouched one by more than validation noise?
+
+    A sign test on the queries it changed: ``fixed`` (wrong before, right after) must exceed
+    ``broken`` by more than ``min_z`` standard deviations of that difference under "moves are coin
+    flips", ``sqrt(fixed + broken)``. A handful of lucky moves on a small validation split (a few
+    hundred queries) is not a reason to move a test set's queries.
+    """
+    fixed = int((after & ~before).sum())
+    broken = int((before & ~after).sum())
+    return fixed - broken > min_z * np.sqrt(fixed + broken)
+
+
+@contextmanager
+def _quiet(logger: logging.Logger):
+    """Hold ``logger`` to errors inside the block."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def post_hits(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence, method: str = "none",
+              folds: Sequence[np.ndarray] | None = None, **options) -> np.ndarray:
+    """[Q] bool top-1 hits after ``postprocess(ranking, method, **options)``.
+
+    ``folds``: lists of query indices post-processed as separate query sets (each against the
+    whole gallery), hits returned in the order of their concatenation. Folds make one validation
+    split mirror a protocol with fewer queries per gallery image: a Track 4-style set asks about one
+    person in six, so its collisions are fewer and fall more often on distractors.
+    """
+    if folds is None:
+        return top1_hits(postprocess(ranking, method, **options), query_targets, gallery_targets)
+    targets = np.asarray(query_targets, dtype=object)
+    return np.concatenate([top1_hits(postprocess(ranking.take(f), method, **options), targets[f], gallery_targets)
+                           for f in folds])
+
+
 def calibrate_post(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence, method: str, option: str,
-                   grid: Sequence[float], conservative: str, **fixed) -> tuple[float, dict[float, float]]:
+                   grid: Sequence[float], conservative: str, min_z: float = MIN_Z,
+                   folds: Sequence[np.ndarray] | None = None, **fixed) -> tuple[float, dict[float, float]]:
     """The value of ``option`` in ``grid`` whose ``postprocess(ranking, method, option=value, **fixed)``
-    has the best R@1 on this (validation) ranking.
+    has the best R@1 on this (validation) ranking, among the values that beat the untouched ranking
+    by more than noise (:func:`beats_doing_nothing` with ``min_z``; 0 = any gain counts).
 
     ``conservative`` ("max" or "min") says which end of the grid moves fewest queries (SCA's
-    threshold and tau: "max"; the assignment's slack price: "min"); ties go there. Returns
-    (chosen value, {value: R@1 in percent}).
+    threshold and tau: "max"; the assignment's slack price: "min"); ties go there, and so does the
+    choice when no value beats doing nothing. ``folds``: see :func:`post_hits`. Returns (chosen
+    value, {value: R@1 in percent}).
     """
     if conservative not in ("max", "min"):
         raise ValueError(f"conservative must be 'max' or 'min', got {conservative!r}")
     if not len(grid):
         raise ValueError("calibrate_post: empty grid")
-    table = {float(v): top1_recall(postprocess(ranking, method, **{**fixed, option: v}), query_targets,
-                                   gallery_targets) for v in grid}
+    before = post_hits(ranking, query_targets, gallery_targets, folds=folds)
+    table, better = {}, []
+    with _quiet(postprocess_log):  # a grid's extreme values may hit SCA's pass limit: expected, not news
+        for v in grid:
+            hits = post_hits(ranking, query_targets, gallery_targets, method, folds, **{**fixed, option: v})
+            table[float(v)] = float(hits.mean() * 100) if len(hits) else 0.0
+            if beats_doing_nothing(before, hits, min_z):
+                better.append(float(v))
     sign = 1 if conservative == "max" else -1
-    chosen = max(table, key=lambda v: (table[v], sign * v))
-    log.info("%s %s = %g on validation (R@1 per value: %s)", method, option, chosen,
-             ", ".join(f"{v:g}: {r:.1f}" for v, r in table.items()))
+    if better:
+        chosen = max(better, key=lambda v: (table[v], sign * v))
+    else:  # nothing to gain beyond noise: the end of the grid that moves fewest queries
+        chosen = max(table, key=lambda v: sign * v)
+    log.info("%s %s = %g on validation (R@1 per value: %s%s)", method, option, chosen,
+             ", ".join(f"{v:g}: {r:.1f}" for v, r in table.items()),
+             "" if better else f"; none beats {before.mean() * 100:.1f} untouched by more than noise")
     return chosen, table
 
 
@@ -177,24 +246,73 @@ def pick_post(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequen
     return best
 
 
-def calibrate_sca(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence) -> tuple[dict, dict]:
-    """SCA's options picked on a validation ranking: the text threshold and the compared score for
-    the seed rule (the lower confidence moves), then tau for the margin rule (the query that loses
-    least by moving moves); the margin rule is kept only when it does strictly better.
+def calibrate_sca(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence, min_z: float = MIN_Z,
+                  folds: Sequence[np.ndarray] | None = None) -> tuple[dict, dict]:
+    """SCA's options picked on a validation ranking, for each rule with the compared score: the
+    seed rule (the lower confidence moves) over the text threshold; the margin rule (the query
+    that loses least by moving moves) over the text threshold and tau together, since a wide gate
+    with a margin can beat both a wide gate without one and a narrow gate with one. The margin rule
+    is kept only when it does strictly better.
 
-    Returns (options for ``postprocess(ranking, "sca", **options)``, a record of every R@1 tried).
-    Store ``options["threshold"]`` as ``config.sca_threshold`` and the rest as ``config.sca_options``.
+    Returns (options for ``postprocess(ranking, "sca", **options)``, a record of every R@1 tried:
+    ``seed`` and ``margin``, the latter with one pick per threshold). Store ``options["threshold"]``
+    as ``config.sca_threshold`` and the rest as ``config.sca_options``.
     """
     confidences = CONFIDENCES if ranking.head > 0 else ("itc",)  # ITM and the fusion need a re-ranked head
-    threshold = pick_post(ranking, query_targets, gallery_targets, "sca", "threshold", lambda c: THRESHOLD_GRID, "max",
-                          confidences)
-    options = {"threshold": threshold["value"], "confidence": threshold["confidence"]}
-    tau = pick_post(ranking, query_targets, gallery_targets, "sca", "tau",
-                    lambda c: (0.0, *gap_grid(ranking, c)), "max", confidences, threshold=threshold["value"],
-                    rule="margin")
-    if tau["r1"] > threshold["r1"]:
-        options.update(rule="margin", tau=tau["value"], confidence=tau["confidence"])
-    record = {"options": options, "r1": max(threshold["r1"], tau["r1"]), "threshold": threshold, "tau": tau}
+    targets = (query_targets, gallery_targets)
+    seed = pick_post(ranking, *targets, "sca", "threshold", lambda c: THRESHOLD_GRID, "max", confidences,
+                     min_z=min_z, folds=folds, rule="score", tau=0.0)
+    margin: dict = {"by_threshold": {}}
+    for threshold in sorted(THRESHOLD_GRID, reverse=True):  # ties keep the narrower gate
+        got = pick_post(ranking, *targets, "sca", "tau", lambda c: (0.0, *gap_grid(ranking, c)), "max", confidences,
+                        min_z=min_z, folds=folds, threshold=threshold, rule="margin")
+        margin["by_threshold"][threshold] = got
+        if "r1" not in margin or got["r1"] > margin["r1"]:
+            margin.update(threshold=threshold, confidence=got["confidence"], tau=got["value"], r1=got["r1"])
+    options = {"threshold": seed["value"], "rule": "score", "confidence": seed["confidence"]}
+    if margin["r1"] > seed["r1"]:
+        options = {"threshold": margin["threshold"], "rule": "margin", "tau": margin["tau"],
+                   "confidence": margin["confidence"]}
+    record = {"options": options, "r1": max(seed["r1"], margin["r1"]), "seed": seed, "margin": margin}
     log.info("sca on validation: %s (R@1 %.2f; seed rule %.2f, margin rule %.2f)", options, record["r1"],
-             threshold["r1"], tau["r1"])
+             seed["r1"], margin["r1"])
+    return options, record
+
+
+def calibrate_assign(ranking: Ranking, query_targets: Sequence, gallery_targets: Sequence,
+                     k_grid: Sequence[int] = ASSIGN_K_GRID, min_z: float = MIN_Z,
+                     folds: Sequence[np.ndarray] | None = None) -> tuple[dict, dict]:
+    """The global assignment's options picked on a validation ranking: the depth ``k`` (each
+    query's top-``k`` candidates), the slack price and the compared score, jointly.
+
+    When no setting beats the untouched ranking by more than noise (:func:`beats_doing_nothing`),
+    the options are ``k=1``: every query keeps its top-1, nothing changes. Depths past a query's
+    candidates (the re-ranked head for ITM and the fusion) add nothing and are skipped. Ties go to the smaller depth, then
+    the smaller slack (fewer moves). Returns (options for ``postprocess(ranking, "assign", **options)``,
+    a record of every R@1 tried, by depth).
+    """
+    confidences = CONFIDENCES if ranking.head > 0 else ("itc",)
+    width = ranking.rows.shape[1]
+    depths = sorted({min(int(k), width) for k in k_grid if k >= 1})
+    if not depths:
+        raise ValueError("calibrate_assign: k_grid needs a depth >= 1")
+    best: dict = {}
+    tables = {}
+    for k in depths:
+        got = pick_post(ranking, query_targets, gallery_targets, "assign", "slack",
+                        lambda c: (0.0, *gap_grid(ranking, c)), "min", confidences, min_z=min_z, folds=folds, k=k)
+        tables[k] = got["tables"]
+        if "r1" not in best or got["r1"] > best["r1"]:
+            best = {"k": k, **got}
+    options = {"k": best["k"], "slack": best["value"], "confidence": best["confidence"]}
+    before = post_hits(ranking, query_targets, gallery_targets, folds=folds)
+    r1 = best["r1"]
+    if not beats_doing_nothing(before, post_hits(ranking, query_targets, gallery_targets, "assign", folds, **options),
+                               min_z):
+        # nothing beats the untouched ranking by more than noise: k = 1 hands every query its own
+        # top-1 back whatever the score (slack 0 alone is no such guarantee when the compared score
+        # orders a query's candidates unlike the ranking does)
+        options, r1 = {"k": 1, "slack": 0.0, "confidence": best["confidence"]}, float(before.mean() * 100)
+    record = {"options": options, "r1": r1, "before": float(before.mean() * 100), "tables": tables}
+    log.info("assign on validation: %s (R@1 %.2f, %.2f before)", options, record["r1"], record["before"])
     return options, record

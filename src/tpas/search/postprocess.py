@@ -53,7 +53,7 @@ POST_METHODS = ("none", "sca", "assign", "one_to_one", "dual_softmax")
 CONFIDENCES = ("auto", "itm", "itc", "fused")
 SCA_RULES = ("score", "margin")
 # SCA's text-similarity gate when neither the caller nor the model (config.sca_threshold, picked on
-# validation by tpas.search.calibrate.calibrate_sca_threshold) gives one
+# validation by tpas.search.calibrate.calibrate_sca) gives one
 DEFAULT_SCA_THRESHOLD = 0.9
 NO_GATE = -1.0  # a cosine threshold every pair of texts passes: SCA without its similarity gate
 UNMATCHED = 1e6  # one_to_one: the price of leaving a query unassigned (it then keeps its ranking)
@@ -235,9 +235,11 @@ def _max_gain_matching(left: np.ndarray, right: np.ndarray, gain: np.ndarray, n_
     shape = (n_rows, n_cols + n_rows)
     _, match = min_weight_full_bipartite_matching(csr_matrix((weight, (r, c)), shape=shape), maximize=True)
     matched = np.flatnonzero(match < n_cols)  # rows that took a real node, not their private column
+    out = np.full(n_left, -1, dtype=np.int64)
+    if not len(matched):  # nobody gains by moving (e.g. slack 0: every query keeps its top-1)
+        return out
     edge_at = csr_matrix((useful + 1, (rows[useful], cols[useful])), shape=shape)  # 1-based edge index
     edges = np.asarray(edge_at[matched, match[matched]]).ravel() - 1
-    out = np.full(n_left, -1, dtype=np.int64)
     out[left[edges]] = edges
     return out
 
@@ -356,20 +358,41 @@ def reorder(ranking: Ranking, order: np.ndarray, method: str) -> Ranking:
     return replace(ranking, rows=rows, itc=itc, itm=itm, score=score, post=post)
 
 
-def resolve_post_options(model, method: str, options: dict[str, Any] | None) -> dict[str, Any]:
-    """The options a method will run with: SCA's threshold from ``options``, else the model's
-    validation-picked ``config.sca_threshold``, else :data:`DEFAULT_SCA_THRESHOLD` (with a warning)."""
+def resolve_post_options(model, method: str, options: dict[str, Any] | None,
+                         ranking: Ranking | None = None) -> dict[str, Any]:
+    """The options a method will run with: those given, then what validation picked for the model.
+
+    SCA: ``threshold`` from ``options``, else the model's ``config.sca_threshold``, else
+    :data:`DEFAULT_SCA_THRESHOLD` (with a warning); its rule, tau and compared score from
+    ``config.sca_options``. Assignment: ``k``, ``slack`` and compared score from
+    ``config.assign_options``. An option given here always wins over the stored one.
+
+    Stored tau and slack are prices in the units of the score they were picked on, so they are
+    used only on a ranking that has that score (``ranking``, when given): the model's own, and
+    re-ranked when they compare ITM or the fusion. Otherwise (a fusion of systems, an ITC-only
+    run of a model calibrated re-ranked) they are left out with a warning; SCA's text threshold,
+    a property of the query texts, always carries over.
+    """
     options = dict(options or {})
+    config = getattr(model, "config", None)
     if method == "sca" and options.get("threshold") is None:
-        stored = getattr(getattr(model, "config", None), "sca_threshold", None)
+        stored = getattr(config, "sca_threshold", None)
         if stored is None:
             log.warning("sca: no text-similarity threshold given and none stored with the model; using %g "
-                        "(pick one on validation: tpas.search.calibrate.calibrate_sca_threshold)",
-                        DEFAULT_SCA_THRESHOLD)
+                        "(pick one on validation: tpas.search.calibrate.calibrate_sca)", DEFAULT_SCA_THRESHOLD)
         options["threshold"] = float(DEFAULT_SCA_THRESHOLD if stored is None else stored)
-    if method == "sca":  # the rule, tau and compared score validation picked, unless given
-        for key, value in (getattr(getattr(model, "config", None), "sca_options", None) or {}).items():
-            options.setdefault(key, value)
+    field = {"sca": "sca_options", "assign": "assign_options"}.get(method)
+    stored = dict(getattr(config, field, None) or {}) if field else {}
+    if stored and ranking is not None:
+        needs_head = stored.get("confidence") in ("itm", "fused")
+        if ranking.scorer != "itc" or (needs_head and ranking.head == 0):
+            log.warning("%s: the model's stored options %s were picked on its %s ranking; this one (%s%s) "
+                        "has other score units, so they are not used", method, stored,
+                        "re-ranked" if needs_head else "own", ranking.scorer,
+                        ", not re-ranked" if ranking.head == 0 else "")
+            stored = {}
+    for key, value in stored.items():
+        options.setdefault(key, value)
     return options
 
 

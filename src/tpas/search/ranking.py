@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +135,13 @@ class Ranking:
     def head(self) -> int:
         """How many listed candidates per query were re-scored with ITM."""
         return min(self.rerank, self.rows.shape[1])
+
+    def take(self, queries: np.ndarray) -> Ranking:
+        """The ranking of a subset of the queries (``queries``: their indices), against the same gallery."""
+        queries = np.asarray(queries, dtype=np.int64)
+        return replace(self, rows=self.rows[queries], itc=self.itc[queries], itm=self.itm[queries],
+                       score=self.score[queries], text_embeds=self.text_embeds[queries],
+                       itc_scores=None if self.itc_scores is None else self.itc_scores[queries])
 
     def score_matrix(self) -> np.ndarray:
         """A [Q,G] float32 matrix whose descending order per row is this ranking (for the metrics).

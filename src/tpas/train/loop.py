@@ -142,7 +142,8 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Builds everything from a :class:`TrainConfig`; :meth:`fit` runs to the end and returns ``out``."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, trainset=None, cache_dir: str | Path | None = None):
+    def __init__(self, config: TrainConfig, resume: bool = False, trainset=None, cache_dir: str | Path | None = None,
+                 cache_pool: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -168,6 +169,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         # feature cache file (train_cache_views): next to the run, or a shared folder (benchmarks)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.out
+        # cache_pool: cache every pair before data.select, so runs on different selections of one pool
+        # share one cache file (benchmarks/select_ablation.py); a user's 1% of PAB caches only its 1%
+        self.cache_pool = cache_pool
         self.cache_seconds = 0.0
 
         seed_everything(tcfg.seed)  # same on every rank: identical initial weights
@@ -217,6 +221,7 @@ class Trainer:
             trainset = load_train(dcfg.root, dcfg.format, on_bad_image=dcfg.on_bad_image, check_images=True)
         trainset = subsample(trainset, dcfg.max_pairs, cfg.train.seed)
         train_pairs, val_pairs = split_by_identity(trainset.pairs, dcfg.val_identities, cfg.train.seed)
+        pool_pairs = train_pairs
         if dcfg.select:  # after the split: a selection never brings validation identities back
             from tpas.data.select import select_training_pairs
 
@@ -229,7 +234,8 @@ class Trainer:
         hard = dcfg.hard_pairs and cfg.loss.itm > 0 and cfg.loss.itm_hard_pairs
         views = int(getattr(model.config, "train_cache_views", 0) or 0)
         if views > 0:  # frozen tower bottoms computed once per image view / caption (tpas.train.cache)
-            self.dataset, collate, workers = self._cached_dataset(train_pairs, transform, views)
+            cached = pool_pairs if self.cache_pool else train_pairs
+            self.dataset, collate, workers = self._cached_dataset(train_pairs, cached, transform, views)
         else:
             self.dataset = PairDataset(train_pairs, self.root, transform, label_map(train_pairs), cfg.train.seed,
                                        hard_pairs=hard, eda=dcfg.eda)
@@ -250,8 +256,9 @@ class Trainer:
         log.info("training on %d pairs (%d identities), %d steps of %d global samples (%d steps/epoch)",
                  len(train_pairs), len(self.dataset.labels), self.total_steps, self.global_batch, self.steps_per_epoch)
 
-    def _cached_dataset(self, train_pairs, transform, views: int):
-        """(CachedPairDataset, its collate, 0 workers) over a feature cache built (or loaded) now."""
+    def _cached_dataset(self, train_pairs, cached_pairs, transform, views: int):
+        """(CachedPairDataset, its collate, 0 workers) over a feature cache of ``cached_pairs`` (a superset of
+        ``train_pairs``) built (or loaded) now."""
         from tpas.data.loader import label_map
         from tpas.data.transforms import TrainTransform
         from tpas.train.cache import CachedCollator, CachedPairDataset, build_feature_cache
@@ -268,7 +275,7 @@ class Trainer:
             transform = TrainTransform(model.image_size, model.config.image_mean, model.config.image_std,
                                        flip=0.0, crop_scale=1.0, jitter=0.0, camera=None)
         start = time.perf_counter()
-        cache = build_feature_cache(model, train_pairs, self.root, views, cfg.train.seed, transform,
+        cache = build_feature_cache(model, cached_pairs, self.root, views, cfg.train.seed, transform,
                                     batch_size=32,
                                     workers=max(1, cfg.data.workers), cache_dir=self.cache_dir,
                                     progress=self.accelerator.is_main_process and cfg.train.progress)
@@ -553,18 +560,20 @@ class Trainer:
                 log.warning("no validation ran (empty split or val.every<0): best/ is the last weights")
                 self._export(self.out / CHECKPOINTS / (self.out / CHECKPOINTS / LATEST).read_text().strip(),
                              self.out / "best")
-            self._calibrate_sca()
+            self._calibrate_post()
             if self.tb is not None:
                 self.tb.close()
         acc.wait_for_everyone()
         return self.out
 
-    def _calibrate_sca(self) -> None:
-        """Store SCA's validation-picked options in ``best/`` (:func:`tpas.search.calibrate.calibrate_sca`:
-        text threshold, rule, tau and the compared score), on the ranking the model will serve: ITM
-        re-ranked at its validated depth when re-ranking gained on validation, else ITC."""
+    def _calibrate_post(self) -> None:
+        """Store the query-set post-processing options validation picks in ``best/``, on the ranking the
+        model will serve (ITM re-ranked at its validated depth when re-ranking gained on validation,
+        else ITC): SCA's text threshold, rule, tau and compared score
+        (:func:`tpas.search.calibrate.calibrate_sca`) and the assignment's depth, slack and compared
+        score (:func:`tpas.search.calibrate.calibrate_assign`)."""
         from tpas.models import create_model
-        from tpas.search.calibrate import calibrate_sca
+        from tpas.search.calibrate import calibrate_assign, calibrate_sca
         from tpas.search.ranking import rank_evalset
 
         best = self.out / "best"
@@ -572,20 +581,24 @@ class Trainer:
             return
         model = create_model(best, device=self.accelerator.device)
         config = model.config
-        if config.sca_threshold is not None:
+        if config.sca_threshold is not None and config.assign_options is not None:
             return  # already calibrated (a resumed run that had finished)
         depth = config.rerank_depth if config.rerank_depth and (config.rerank_gain or 0) > 0 else 0
+        targets = (self.valset.query_targets(), self.valset.gallery_targets())
         with torch.random.fork_rng(devices=[]):
             ranking = rank_evalset(model, self.valset, rerank=depth, depth=max(depth, 10),
                                    batch_size=self.config.val.batch_size, progress=False)
-            options, record = calibrate_sca(ranking, self.valset.query_targets(), self.valset.gallery_targets())
-        config.sca_threshold = options["threshold"]
-        config.sca_options = {k: v for k, v in options.items() if k != "threshold"}
+        sca_options, sca_record = calibrate_sca(ranking, *targets)
+        assign_options, assign_record = calibrate_assign(ranking, *targets)
+        config.sca_threshold = sca_options["threshold"]
+        config.sca_options = {k: v for k, v in sca_options.items() if k != "threshold"}
+        config.assign_options = assign_options
         metrics_file = best / "metrics.json"
         metrics = json.loads(metrics_file.read_text(encoding="utf-8")) if metrics_file.is_file() else {}
-        record = {"rerank": depth, **record}
-        self._write_best(model, {**metrics, "sca_calibration": _json_keys(record)})
-        self._log({"step": self.state["step"], "sca_calibration": _json_keys(record)})
+        record = _json_keys({"sca_calibration": {"rerank": depth, **sca_record},
+                             "assign_calibration": {"rerank": depth, **assign_record}})
+        self._write_best(model, {**metrics, **record})
+        self._log({"step": self.state["step"], **record})
 
 
 def _json_keys(value: Any) -> Any:
@@ -621,12 +634,14 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text(path, "".join(k + "\n" for k in kept))
 
 
-def train(config: TrainConfig, resume: bool = False, trainset=None) -> Path:
+def train(config: TrainConfig, resume: bool = False, trainset=None, cache_dir: str | Path | None = None,
+          cache_pool: bool = False) -> Path:
     """Train (or resume) per ``config``; returns the run directory (``<out>/best``, ``<out>/last``, logs).
 
-    ``trainset`` replaces reading ``config.data.root`` (tests, the demo).
+    ``trainset`` replaces reading ``config.data.root`` (tests, the demo); ``cache_dir`` and ``cache_pool``
+    are :class:`Trainer`'s (where feature caches live; cache all pairs before ``data.select``).
     """
     from tpas.data.images import bad_image_policy
 
     with bad_image_policy(config.data.on_bad_image):  # validation's encoding follows the training policy
-        return Trainer(config, resume=resume, trainset=trainset).fit()
+        return Trainer(config, resume=resume, trainset=trainset, cache_dir=cache_dir, cache_pool=cache_pool).fit()
