@@ -283,3 +283,26 @@ def test_cli_select_writes_a_trainable_selection(minipab, tmp_path, capsys):
     assert main(["select", str(tmp_path / "missing"), "--out", str(out), "--strategy", "random", "--size", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tpas select: error: ") and "missing/annotation/train" in err[0]
+
+
+def test_selections_of_one_pool_share_one_feature_cache(minipab, tmp_path):
+    """cache_pool=True (benchmarks/select_ablation.py): the frozen features of every pair a selection
+    may take are cached once; a run on another selection of the same pool loads that file."""
+    from tpas.config import load_config
+    from tpas.data.loader import split_by_identity
+    from tpas.train.loop import Trainer
+
+    config = load_config("minipab-lite", [
+        f"data.root={minipab}", "model.name=lite-tiny", "data.val_identities=4", "train.batch_size=4",
+        "data.workers=0", "data.augment=false", "data.select=random:0.5", f"train.out={tmp_path / 'run'}"])
+    pool = {p.image for p in split_by_identity(read_pab_train(minipab, progress=False).pairs, 4, 42)[0]}
+    first = Trainer(config, cache_dir=tmp_path / "pool", cache_pool=True)
+    files = sorted((tmp_path / "pool").glob("feature-cache-*.pt"))
+    assert len(files) == 2 and set(first.dataset.cache.images) == pool
+    assert len({p.image for p in first.dataset.pairs}) == len(pool) // 2  # trains on its selection only
+    config.data.select = "balanced:0.5"
+    second = Trainer(config, cache_dir=tmp_path / "pool", cache_pool=True)
+    assert sorted((tmp_path / "pool").glob("feature-cache-*.pt")) == files  # loaded, not recomputed
+    assert {p.image for p in second.dataset.pairs} != {p.image for p in first.dataset.pairs}
+    own = Trainer(config, cache_dir=tmp_path / "own")  # the default: a cache of the selection alone
+    assert set(own.dataset.cache.images) == {p.image for p in own.dataset.pairs}
