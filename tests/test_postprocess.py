@@ -308,6 +308,8 @@ def test_stored_options_fill_in_only_on_rankings_with_their_score_units(caplog):
     own = ranking_from_scores(CROWDED, depth=5)  # a model's ITC ranking, not re-ranked
     assert resolve_post_options(_Model(), "assign", {}, own) == {"k": 5, "slack": 2.0, "confidence": "itc"}
     assert resolve_post_options(_Model(), "assign", {"k": 2}, own)["k"] == 2  # given beats stored
+    # another compared score: the stored slack is priced in the stored one's units and is left out
+    assert resolve_post_options(_Model(), "assign", {"confidence": "fused"}, own) == {"confidence": "fused", "k": 5}
     # SCA's options were picked on the re-ranked fusion: on an ITC-only ranking only the text gate carries over
     with caplog.at_level("WARNING"):
         assert resolve_post_options(_Model(), "sca", {}, own) == {"threshold": 0.8}

@@ -117,11 +117,12 @@ def run_eval(model, evalset: EvalSet, *, rerank: int = 0, weight: float | None =
     dual_softmax (valid only when each gallery image answers at most one query: see
     :func:`check_one_to_one` and :mod:`tpas.search.postprocess`), with ``post_options`` (missing
     ones come from the model's validation-picked ``config.sca_threshold``, ``sca_options`` and
-    ``assign_options``: :func:`resolve_post_options`); ``assume_one_to_one`` silences the warning for a gallery much larger than the query set. The gallery index goes to
-    ``index_dir`` (default ``out_dir/index``, reused when it matches; in memory when neither is
-    given). ``ranking``: a ranking of this evalset made earlier (by
-    :func:`~tpas.search.ranking.rank_evalset`, or a fusion) to post-process and score again
-    without re-ranking; ``rerank`` and ``weight`` then come from it (``model`` may be None).
+    ``assign_options``: :func:`resolve_post_options`); ``assume_one_to_one`` silences the warning
+    for a gallery much larger than the query set. The gallery index goes to ``index_dir`` (default
+    ``out_dir/index``, reused when it matches; in memory when neither is given). ``ranking``: a
+    ranking of this evalset made earlier (by :func:`~tpas.search.ranking.rank_evalset`, or a
+    fusion) to post-process and score again without re-ranking; ``rerank`` and ``weight`` then
+    come from it (``model`` may be None).
     """
     if post not in POST_METHODS:
         raise ValueError(f"unknown post-processing {post!r}; choose from {POST_METHODS}")

@@ -287,9 +287,9 @@ def calibrate_assign(ranking: Ranking, query_targets: Sequence, gallery_targets:
 
     When no setting beats the untouched ranking by more than noise (:func:`beats_doing_nothing`),
     the options are ``k=1``: every query keeps its top-1, nothing changes. Depths past a query's
-    candidates (the re-ranked head for ITM and the fusion) add nothing and are skipped. Ties go to the smaller depth, then
-    the smaller slack (fewer moves). Returns (options for ``postprocess(ranking, "assign", **options)``,
-    a record of every R@1 tried, by depth).
+    candidates (the re-ranked head for ITM and the fusion) add nothing and are skipped. Ties go to
+    the smaller depth, then the smaller slack (fewer moves). Returns (options for
+    ``postprocess(ranking, "assign", **options)``, a record of every R@1 tried, by depth).
     """
     confidences = CONFIDENCES if ranking.head > 0 else ("itc",)
     width = ranking.rows.shape[1]

@@ -369,9 +369,10 @@ def resolve_post_options(model, method: str, options: dict[str, Any] | None,
 
     Stored tau and slack are prices in the units of the score they were picked on, so they are
     used only on a ranking that has that score (``ranking``, when given): the model's own, and
-    re-ranked when they compare ITM or the fusion. Otherwise (a fusion of systems, an ITC-only
-    run of a model calibrated re-ranked) they are left out with a warning; SCA's text threshold,
-    a property of the query texts, always carries over.
+    re-ranked when they compare ITM or the fusion, and not when ``options`` names another
+    ``confidence``. Otherwise (a fusion of systems, an ITC-only run of a model calibrated
+    re-ranked) they are left out with a warning; SCA's text threshold, a property of the query
+    texts, always carries over.
     """
     options = dict(options or {})
     config = getattr(model, "config", None)
@@ -391,6 +392,8 @@ def resolve_post_options(model, method: str, options: dict[str, Any] | None,
                         "re-ranked" if needs_head else "own", ranking.scorer,
                         ", not re-ranked" if ranking.head == 0 else "")
             stored = {}
+    if "confidence" in options and stored.get("confidence", options["confidence"]) != options["confidence"]:
+        stored = {k: v for k, v in stored.items() if k not in ("tau", "slack")}  # priced in the other score
     for key, value in stored.items():
         options.setdefault(key, value)
     return options
