@@ -52,7 +52,7 @@ from tpas.eval.run import run_eval
 from tpas.eval.tables import markdown_table
 from tpas.models import create_model
 from tpas.search.calibrate import calibrate_assign, calibrate_sca, top1_recall
-from tpas.search.ranking import Ranking, rank_evalset, ranking_from_scores
+from tpas.search.ranking import Ranking, rank_evalset
 
 COLUMNS = ("R@1", "R@5", "R@10", "mAP", "mAP@10", "normal R@1", "anomaly R@1")
 PROTOCOL_SPLITS = {"test": "test", "track4": "track4"}
@@ -147,7 +147,7 @@ def run_protocol(models, args, knobs: dict, protocol: str, evalset: EvalSet, wor
     t0 = time.perf_counter()
     rankings = rank_pair(models, evalset, args.rerank, work / protocol)
     first = rankings[0]
-    by_name = {"first": first, "itc": ranking_from_scores(first.itc_scores, depth=10, text_embeds=first.text_embeds)}
+    by_name = {"first": first, "itc": first.itc_only()}
     if len(rankings) > 1:
         by_name["fused"] = fused(*rankings)
     ranking_s = time.perf_counter() - t0

@@ -52,10 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def score(model, evalset, rerank: int) -> dict[str, float]:
     """R@1/R@5/mAP for ITC, + ITM re-rank, + SCA: one encoding and one ITM pass, through run_eval."""
     from tpas.eval.run import run_eval
-    from tpas.search.ranking import rank_evalset, ranking_from_scores
+    from tpas.search.ranking import rank_evalset
 
     ranking = rank_evalset(model, evalset, rerank=rerank, depth=max(rerank, 10), progress=False)
-    itc_only = ranking_from_scores(ranking.itc_scores, depth=10, text_embeds=ranking.text_embeds)
+    itc_only = ranking.itc_only()
     out: dict[str, float] = {}
     for key, ranked, post in (("itc", itc_only, "none"), ("itm", ranking, "none"), ("sca", ranking, "sca")):
         m = run_eval(model, evalset, post=post, ranking=ranked, progress=False).metrics

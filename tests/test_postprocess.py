@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from tpas.search.calibrate import beats_doing_nothing, calibrate_assign, calibrate_post, calibrate_sca_threshold
+from tpas.search.calibrate import (beats_doing_nothing, calibrate_assign, calibrate_post, calibrate_sca_threshold,
+                                   post_hits)
 from tpas.search.postprocess import candidates, postprocess, resolve_post_options
 from tpas.search.ranking import Ranking, fuse, ranking_from_scores
 
@@ -338,3 +339,24 @@ def test_a_setting_must_beat_doing_nothing_by_more_than_noise():
     gallery = [f"{t}{i}" for i in range(12) for t in CROWDED_TARGETS[1]]
     options, record = calibrate_assign(ranking_from_scores(many, depth=5), queries, gallery, k_grid=(2, 3, 5))
     assert options["k"] == 3 and record["r1"] == 100.0
+
+
+def test_folds_post_process_each_part_as_its_own_query_set():
+    r = ranking_from_scores(CROWDED, depth=5)
+    together = post_hits(r, *CROWDED_TARGETS, "assign", k=3, slack=1.0)
+    assert together.tolist() == [True, True, True, True]
+    # apart, queries 1 and 2 meet nobody on image 0 and keep it; hits come in fold order (0, 3), (1), (2)
+    folds = [np.array([0, 3]), np.array([1]), np.array([2])]
+    apart = post_hits(r, *CROWDED_TARGETS, "assign", folds=folds, k=3, slack=1.0)
+    assert apart.tolist() == [True, True, False, False]
+    part = r.take(np.array([2, 0]))
+    assert part.rows.tolist() == r.rows[[2, 0]].tolist() and part.text_embeds.shape[0] == 2
+    np.testing.assert_array_equal(part.score_matrix(), r.score_matrix()[[2, 0]])
+
+
+def test_itc_only_view_of_a_reranked_ranking():
+    r = reranked(rows=[[0, 1], [1, 0]], itc=[[0.6, 0.5], [0.5, 0.45]], itm=[[1.0, 3.0], [2.0, 1.5]], gallery=3)
+    assert top1(r) == [1, 1]  # ITM (weight 0.002) decides the head
+    itc = r.itc_only()
+    assert itc.head == 0 and top1(itc) == [0, 1] and itc.scorer == "itc"
+    np.testing.assert_array_equal(itc.score_matrix(), r.itc_scores)

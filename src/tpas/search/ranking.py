@@ -136,6 +136,13 @@ class Ranking:
         """How many listed candidates per query were re-scored with ITM."""
         return min(self.rerank, self.rows.shape[1])
 
+    def itc_only(self, depth: int = 10) -> Ranking:
+        """The ranking by first-stage scores alone (no re-ranked head), from ``itc_scores``: one
+        encoding scores both the ITC row and the re-ranked row of an ablation or a validation."""
+        if self.itc_scores is None:
+            raise ValueError("this ranking was made without keep_scores=True: no first-stage score matrix")
+        return ranking_from_scores(self.itc_scores, depth=depth, text_embeds=self.text_embeds, scorer=self.scorer)
+
     def take(self, queries: np.ndarray) -> Ranking:
         """The ranking of a subset of the queries (``queries``: their indices), against the same gallery."""
         queries = np.asarray(queries, dtype=np.int64)

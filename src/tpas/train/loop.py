@@ -399,7 +399,7 @@ class Trainer:
         """
         from tpas.eval.run import run_eval
         from tpas.search.calibrate import calibrate_ranking
-        from tpas.search.ranking import rank_evalset, ranking_from_scores
+        from tpas.search.ranking import rank_evalset
 
         acc = self.accelerator
         metrics = None
@@ -410,8 +410,7 @@ class Trainer:
                 # one encoding of the split: its full ITC matrix scores ITC alone, its head the re-rank
                 ranking = rank_evalset(model, self.valset, rerank=k, depth=max(k, 10),
                                        batch_size=self.config.val.batch_size, progress=False)
-                itc_only = ranking_from_scores(ranking.itc_scores, depth=10, text_embeds=ranking.text_embeds)
-                metrics = run_eval(model, self.valset, ranking=itc_only, progress=False).metrics
+                metrics = run_eval(model, self.valset, ranking=ranking.itc_only(), progress=False).metrics
                 score, rerank = metrics["R@1"], None
                 if k > 0:
                     weight, table = calibrate_ranking(ranking, self.valset)
