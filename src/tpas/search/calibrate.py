@@ -13,7 +13,8 @@ no weight is given.
 
 **Post-processing.** SCA's text-similarity gate (:data:`THRESHOLD_GRID`), its margin ``tau`` and the
 assignment's slack price are chosen the same way: post-process a validation ranking with each
-value and keep the best R@1 (:func:`calibrate_post`, :func:`pick_post` over the compared raw
+value and keep the best R@1 among the values that beat the untouched ranking by more than noise
+(:func:`calibrate_post`, :func:`beats_doing_nothing`, :func:`pick_post` over the compared raw
 scores). :func:`calibrate_sca` picks SCA's threshold, rule, tau and compared score together, as
 training does after its last step (stored as ``model.config.sca_threshold`` and ``sca_options``);
 :func:`calibrate_sca_threshold` picks the threshold alone. :func:`calibrate_assign` picks the
